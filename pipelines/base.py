@@ -1,0 +1,115 @@
+"""What every pipeline shares: the plan-driven loader and its bookkeeping.
+
+A pipeline subclasses `PlannedLoader` and implements `_render(epoch, start)`,
+a generator of `Views` for steps start, start+1, ... of `epoch`, rendered
+from `self.planner.plan(epoch, step)`. Iteration, `len`, mid-epoch
+`state_dict()` / `load_state_dict()` and every non-pixel field of `Views`
+(boxes, RoIs, indices, labels) live here, written once.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .plan import BatchPlan, Planner
+from .views import MEAN, STD, ViewSpec, Views
+
+
+class PipelineError(ValueError):
+    """A pipeline cannot serve a request (shown to the user as-is, exit 2)."""
+
+
+class PlannedLoader(abc.ABC):
+    name = "base"
+    # View families this pipeline can render (see ViewSpec.capabilities).
+    capabilities = frozenset()
+
+    def __init__(self, spec: ViewSpec, source, *, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, device="cpu", dtype=torch.float32, workers: int = 2):
+        missing = spec.capabilities() - set(self.capabilities)
+        if missing:
+            raise PipelineError(f"pipeline {self.name!r} cannot make {', '.join(sorted(missing))} views "
+                                f"(it makes: {', '.join(sorted(self.capabilities))})")
+        self.spec, self.source = spec, source
+        self.device, self.dtype = torch.device(device), dtype
+        self.workers = int(workers)
+        try:
+            self.planner = Planner(spec, source.widths, source.heights, batch_size, seed=seed, rank=rank,
+                                   world_size=world_size)
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
+        self.epoch, self.step = 0, 0
+        labels = getattr(source, "labels", None)
+        self._labels = None if labels is None else torch.as_tensor(np.asarray(labels, np.int64))
+        mean = torch.tensor(MEAN, dtype=torch.float32) * 255
+        std = torch.tensor(STD, dtype=torch.float32) * 255
+        self._scale = (1.0 / std).to(self.device)
+        self._shift = (-mean / std).to(self.device)
+
+    # -- the loader protocol -------------------------------------------------
+    def __len__(self) -> int:
+        return self.planner.steps_per_epoch
+
+    @property
+    def batch_size(self) -> int:
+        return self.planner.batch_size
+
+    def __iter__(self) -> Iterator[Views]:
+        """One epoch from the current position; afterwards the loader points
+        at the start of the next epoch. `self.step` counts the batches handed
+        out, so a checkpoint taken after consuming a batch resumes right
+        after it whatever the backend prefetched."""
+        epoch, start = self.epoch, self.step
+        if start < len(self):
+            for step, views in zip(range(start, len(self)), self._render(epoch, start)):
+                self.step = step + 1
+                yield views
+        self.epoch, self.step = epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.planner.seed,
+                "batch_size": self.batch_size, "world_size": self.planner.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("seed", "batch_size", "world_size"):
+            if k in state and state[k] != self.state_dict()[k]:
+                raise PipelineError(f"cannot resume: the checkpoint's loader has {k}={state[k]}, "
+                                    f"this run {self.state_dict()[k]}")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+    def close(self) -> None:
+        """Release workers or graphs (idempotent)."""
+
+    @abc.abstractmethod
+    def _render(self, epoch: int, start: int) -> Iterator[Views]:
+        """Views for steps start, start+1, ... of `epoch` (each backend's renderer)."""
+
+    # -- shared by the backends ----------------------------------------------
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [..., H, W, C] (any device) -> normalised [..., C, H, W] in
+        self.dtype on self.device; a view of HWC memory, so every [B, C, H, W]
+        slice is channels_last without a copy."""
+        x = pixels.to(self.device, non_blocking=True).to(torch.float32)
+        x = torch.addcmul(self._shift, x, self._scale).to(self.dtype)
+        return x.movedim(-1, -3)
+
+    def bookkeeping(self, plan: BatchPlan) -> Views:
+        """Every field of Views except pixels, from the plan."""
+        dev = self.device
+        index = torch.as_tensor(plan.index)
+        w = self.planner.widths[plan.index]
+        h = self.planner.heights[plan.index]
+        views = Views(index=index.to(dev))
+        if self._labels is not None:
+            views.labels = self._labels[index].to(dev)
+        views.boxes = {name: torch.as_tensor(cp.boxes(w, h)).to(dev) for name, cp in plan.crops.items()}
+        if plan.mosaic is not None:
+            views.mosaic_rois = torch.as_tensor(plan.mosaic.rois).to(dev)
+            views.mosaic_src = torch.as_tensor(plan.mosaic.src).to(dev)
+            views.mosaic_weight = torch.as_tensor(plan.mosaic.weight).to(dev)
+        if plan.pairs is not None:
+            views.pair_boxes = torch.as_tensor(plan.pairs.boxes).to(dev)
+        return views

@@ -1,0 +1,183 @@
+"""The reference pipeline: PIL (accimage when importable) and torchvision's
+functional ops render the plan's parameters exactly.
+
+DataLoader workers each render whole steps (one item = one step's plan), so
+the main process only normalises one uint8 batch per view family. This is
+the pipeline the others are tested against, and the baseline they are
+benchmarked against.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as F
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import InterpolationMode
+
+from .base import PlannedLoader
+from .plan import BatchPlan, CropPlan, Planner
+from .views import Views
+
+try:  # optional faster decode and resize (conda only)
+    import accimage
+except ImportError:
+    accimage = None
+
+
+def decode(data: np.ndarray, path: str = None) -> Image.Image:
+    """Encoded bytes -> RGB PIL image, EXIF orientation applied (as DALI does,
+    and as the index's sizes assume); 16-bit images scaled to 8 bits."""
+    img = Image.open(io.BytesIO(data.tobytes()))
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = Image.fromarray((np.asarray(img, dtype=np.uint32) >> 8).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
+def render_view(img, plan: CropPlan, v: int, b: int) -> np.ndarray:
+    """View v of sample b: crop, resize, flip, then the colour ops in
+    MoCo-v2/BYOL order (jitter, grayscale, blur, solarize). HWC uint8."""
+    top, left, h, w = (int(x) for x in plan.window[v, b])
+    size = plan.size
+    out = F.resized_crop(img, top, left, h, w, [size, size], InterpolationMode.BILINEAR, antialias=True)
+    if plan.flip[v, b]:
+        out = F.hflip(out)
+    if accimage is not None and isinstance(out, accimage.Image):
+        buf = np.empty((3, size, size), np.uint8)
+        out.copyto(buf)
+        out = Image.fromarray(buf.transpose(1, 2, 0))
+    if plan.jitter[v, b]:
+        bright, contrast, sat, hue = (float(x) for x in plan.factors[v, b])
+        for op in plan.order[v, b]:
+            if op == 0:
+                out = F.adjust_brightness(out, bright)
+            elif op == 1:
+                out = F.adjust_contrast(out, contrast)
+            elif op == 2:
+                out = F.adjust_saturation(out, sat)
+            else:
+                out = F.adjust_hue(out, hue)
+    if plan.gray[v, b]:
+        out = F.rgb_to_grayscale(out, num_output_channels=3)
+    if plan.sigma[v, b] > 0:
+        k = plan.augs[v if len(plan.augs) > 1 else 0].blur_kernel(size)
+        sigma = float(plan.sigma[v, b])
+        out = F.gaussian_blur(out, [k, k], [sigma, sigma])
+    if plan.solarize[v, b]:
+        out = F.solarize(out, 128)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def render_family(images, plan: CropPlan) -> np.ndarray:
+    """[count, B, H, W, 3] uint8 for every view of every image."""
+    out = np.empty((plan.count, len(images), plan.size, plan.size, 3), np.uint8)
+    for b, img in enumerate(images):
+        for v in range(plan.count):
+            out[v, b] = render_view(img, plan, v, b)
+    return out
+
+
+def paste_mosaics(tiles: np.ndarray, mosaic) -> np.ndarray:
+    """Canvases [B, S, S, 3] from tiles [M, B, s, s, 3] by the plan's clipped
+    paste table; uncovered pixels stay 0 (the jitter's zero fill)."""
+    batch, m = mosaic.tile_src.shape
+    s = mosaic.canvas_size
+    canvas = np.zeros((batch, s, s, 3), np.uint8)
+    for c in range(batch):
+        for t in range(m):
+            sy, sx, h, w, dy, dx = (int(x) for x in mosaic.paste[c, t])
+            tile = tiles[mosaic.tile_crop[c, t], mosaic.tile_src[c, t]]
+            canvas[c, dy:dy + h, dx:dx + w] = tile[sy:sy + h, sx:sx + w]
+    return canvas
+
+
+def _open(source, i: int):
+    if accimage is not None:
+        img = accimage.Image(source.paths[i])
+        # accimage ignores EXIF orientation; keep it only when the sizes agree
+        # with the index (which stores sizes after orientation).
+        if (img.width, img.height) == (source.widths[i], source.heights[i]):
+            return img
+    return decode(source.read(i))
+
+
+def render_plan(plan: BatchPlan, source) -> dict:
+    """All pixels of one step: {'crops': {name: [count,B,H,W,3]}, 'original',
+    'mosaic'} as uint8 tensors."""
+    images = [_open(source, int(i)) for i in plan.index]
+    out = {"crops": {name: torch.from_numpy(render_family(images, cp)) for name, cp in plan.crops.items()}}
+    if plan.original is not None:
+        out["original"] = torch.from_numpy(render_family(images, plan.original)[0])
+    if plan.mosaic is not None:
+        tiles = render_family(images, plan.mosaic.crops)
+        out["mosaic"] = torch.from_numpy(paste_mosaics(tiles, plan.mosaic))
+    return out
+
+
+class _Steps(Dataset):
+    """Item (epoch, step) -> (plan, pixels); runs in DataLoader workers."""
+
+    def __init__(self, planner: Planner, source):
+        self.planner, self.source = planner, source
+
+    def __getitem__(self, key):
+        epoch, step = key
+        plan = self.planner.plan(epoch, step)
+        return plan, render_plan(plan, self.source)
+
+
+class _StepOrder(Sampler):
+    """Yields (epoch, step) from the loader's position when iteration starts."""
+
+    def __init__(self, loader: "TorchvisionLoader"):
+        self.loader = loader
+
+    def __iter__(self):
+        epoch, start = self.loader._render_from
+        return iter([(epoch, s) for s in range(start, len(self.loader))])
+
+    def __len__(self):
+        return len(self.loader)
+
+
+class TorchvisionLoader(PlannedLoader):
+    name = "torchvision"
+    capabilities = frozenset({"crops", "asymmetric", "original", "mosaic", "pairs"})
+
+    def __init__(self, spec, source, **kw):
+        super().__init__(spec, source, **kw)
+        self._render_from = (0, 0)
+        # Each worker renders whole steps; torch's own threads would only
+        # fight the workers for the cores.
+        self._loader = DataLoader(
+            _Steps(self.planner, source), batch_size=None, sampler=_StepOrder(self),
+            num_workers=self.workers, persistent_workers=self.workers > 0,
+            prefetch_factor=2 if self.workers > 0 else None,
+            pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init)
+
+    def _render(self, epoch, start):
+        self._render_from = (epoch, start)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pin_memory.*")
+            for plan, pixels in self._loader:
+                views = self.bookkeeping(plan)
+                views.crops = {k: self.normalize(v) for k, v in pixels["crops"].items()}
+                if "original" in pixels:
+                    views.original = self.normalize(pixels["original"])
+                if "mosaic" in pixels:
+                    views.mosaic = self.normalize(pixels["mosaic"])
+                yield views
+
+    def close(self):
+        it = getattr(self._loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._loader._iterator = None
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
