@@ -1,0 +1,593 @@
+"""Data sources and the cached image index.
+
+A `Source` is a fixed, ordered list of encoded image files with a label and
+the decoded size of each. Every pipeline reads the same Source: the planner
+draws crop windows from `widths`/`heights` (sizes after EXIF orientation,
+as DALI decodes them), and a pipeline fetches the bytes with `read`.
+
+Where a source comes from (`open_source(data)`):
+
+- `None` or `'sample'`: the Fashion-MNIST sample shipped in
+  `pipelines/sample/` (5,000 train / 1,000 test), written once as a JPEG
+  ImageFolder under the cache so that every pipeline runs its real decode.
+- `'fashion-mnist'`: the full set from Debian's `dataset-fashion-mnist`,
+  written the same way. (These two names win over a directory of the same
+  name; write `./sample` to mean the directory.)
+- a directory: an ImageFolder (class subfolders; images directly in it make
+  it unlabelled), optionally holding `train/` and `val/` (or `test/`).
+- a `.txt` file list: `path [label]` per line.
+
+The index (path, size, mtime, width, height, usable) of every source is
+built once from image headers and cached under `cache_root()/index/`;
+reopening an unchanged source costs one stat per file, and a changed one
+re-reads only the files whose size or mtime changed. Files that would stop
+a DALI pipeline (empty, not an image, truncated JPEG, corrupt PNG) are found
+here and left out, with one warning line.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+
+class DataError(ValueError):
+    """Bad input: the message is shown to the user as-is (exit code 2)."""
+
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+FILE_LIST_EXTENSIONS = frozenset({".txt", ".lst"})
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+# Label order of Fashion-MNIST's README; '/' and ' ' replaced for file names.
+FASHION_MNIST_CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot"]
+SAMPLE_FILE = pathlib.Path(__file__).resolve().parent / "sample" / "fashion_mnist_sample.npz"
+MATERIALISED_JPEG_QUALITY = 95
+
+PHOTO_SOURCES = ("/usr/share/backgrounds/mate/nature", "/usr/share/backgrounds/gnome")
+PHOTO_PACKAGE = "mate-backgrounds"
+
+INDEX_VERSION = 1
+EXIF_ORIENTATION = 0x0112
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # 90-degree turns: width and height swap
+_JPEG_EOI = b"\xff\xd9"
+# Inside entropy-coded data 0xFF is always followed by 0x00 or a restart
+# marker, so FF D9 near the end can only be the real end-of-image marker.
+_JPEG_TAIL_BYTES = 1024
+_PROBE_CHUNK = 128
+_PROBE_THREADS = 8  # header reads wait on I/O; more threads than cores pays off
+_UNUSABLE = (-1, -1)
+
+
+@dataclass
+class Source:
+    """An ordered list of usable image files with labels and decoded sizes."""
+    name: str
+    split: str
+    paths: list = field(repr=False)
+    labels: np.ndarray = field(repr=False)
+    widths: np.ndarray = field(repr=False)
+    heights: np.ndarray = field(repr=False)
+    classes: list = field(repr=False)
+    skipped: int = 0
+
+    def __post_init__(self):
+        n = len(self.paths)
+        if not (len(self.labels) == len(self.widths) == len(self.heights) == n):
+            raise ValueError(f"source {self.name!r}: paths, labels, widths and heights differ in length")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, i: int) -> np.ndarray:
+        """The encoded file of image `i` as a 1-D uint8 array."""
+        return np.fromfile(self.paths[i], dtype=np.uint8)
+
+    def read_many(self, indices: Iterable[int]) -> list:
+        return [np.fromfile(self.paths[i], dtype=np.uint8) for i in indices]
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(len(self.labels)) and bool((self.labels >= 0).any())
+
+
+def cache_root(cache_dir: Optional[str] = None) -> pathlib.Path:
+    """`cache_dir`, else $VIEWFORGE_CACHE, else ~/.cache/viewforge ($XDG_CACHE_HOME honoured)."""
+    if cache_dir:
+        return pathlib.Path(cache_dir).expanduser()
+    if os.environ.get("VIEWFORGE_CACHE"):
+        return pathlib.Path(os.environ["VIEWFORGE_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = pathlib.Path(xdg).expanduser() if xdg else pathlib.Path.home() / ".cache"
+    return base / "viewforge"
+
+
+def open_source(data: Optional[str], split: str = "train", cache_dir: Optional[str] = None,
+                progress: bool = True) -> Optional[Source]:
+    """The `split` ('train' or 'test') of `data`, or None when `data` has no such split."""
+    split = {"val": "test"}.get(split, split)
+    if split not in ("train", "test"):
+        raise DataError(f"unknown split {split!r}: use 'train' or 'test'")
+    if data is None or data == "sample":
+        return _open_sample(split, cache_dir, progress)
+    if data == "fashion-mnist":
+        return _open_fashion_mnist(split, cache_dir, progress)
+    path = os.path.abspath(os.path.expanduser(str(data)))
+    if os.path.isdir(path):
+        return _open_image_folder(str(data), path, split, cache_dir, progress)
+    if os.path.isfile(path):
+        if os.path.splitext(path)[1].lower() not in FILE_LIST_EXTENSIONS:
+            raise DataError(f"{data}: expected a directory of images or a .txt file list "
+                            f"(one 'path [label]' per line), not a {os.path.splitext(path)[1] or 'extensionless'} file")
+        return None if split == "test" else _open_file_list(str(data), path, cache_dir, progress)
+    raise DataError(f"{data}: no such file or directory; expected a directory of images (ImageFolder), "
+                    f"a .txt file list, 'fashion-mnist', or nothing for the built-in sample")
+
+
+# ---------------------------------------------------------------- directories
+
+def _open_image_folder(name: str, root: str, split: str, cache_dir, progress) -> Optional[Source]:
+    """An ImageFolder, or a folder holding train/ and val/ (or test/) ImageFolders."""
+    train_dir = os.path.join(root, "train")
+    test_dir = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
+    if os.path.isdir(train_dir) and test_dir is not None:
+        split_dirs = {"train": train_dir, "test": test_dir}
+    elif split == "test":
+        return None
+    elif os.path.isdir(train_dir) and not _has_top_level_images(root) and _class_dirs(root) == ["train"]:
+        split_dirs = {"train": train_dir}  # only train/ so far: it is the split, not a class named 'train'
+    else:
+        split_dirs = {"train": root}
+
+    # Both splits share one class list so that a label means the same class in each.
+    labelled = {s: not _has_top_level_images(d) for s, d in split_dirs.items()}
+    classes = sorted(set().union(*(_class_dirs(d) for s, d in split_dirs.items() if labelled[s])))
+    split_dir = split_dirs[split]
+    if labelled[split]:
+        label_of = {c: k for k, c in enumerate(classes)}
+        paths, labels = [], []
+        for class_name in _class_dirs(split_dir):
+            found = _walk_images(os.path.join(split_dir, class_name))
+            paths += found
+            labels += [label_of[class_name]] * len(found)
+    else:
+        classes = []
+        paths = _walk_images(split_dir)
+        labels = [-1] * len(paths)
+    if not paths:
+        raise DataError(f"{_shown(name, split_dir, root)}: no images found; expected class subfolders of images "
+                        f"or images directly in it ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return _index_source(name, split, _shown(name, split_dir, root), ("dir", split_dir), paths,
+                         np.asarray(labels, dtype=np.int64), classes, cache_dir, progress)
+
+
+def _shown(name: str, split_dir: str, root: str) -> str:
+    """The path as the user wrote it, with the split folder appended when one was chosen."""
+    return name if split_dir == root else os.path.join(name, os.path.basename(split_dir))
+
+
+def _visible(entry: os.DirEntry) -> bool:
+    return not entry.name.startswith(".")  # .ipynb_checkpoints, .DS_Store, our own temporaries
+
+
+def _is_image_file(entry: os.DirEntry) -> bool:
+    return os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file()
+
+
+def _has_top_level_images(directory: str) -> bool:
+    with os.scandir(directory) as entries:
+        return any(_visible(e) and _is_image_file(e) for e in entries)
+
+
+def _class_dirs(directory: str) -> list:
+    with os.scandir(directory) as entries:
+        return sorted(e.name for e in entries if _visible(e) and e.is_dir())
+
+
+def _walk_images(directory: str, _seen: Optional[set] = None) -> list:
+    """Image files under `directory`, depth first in name order (symlinks followed once)."""
+    seen = set() if _seen is None else _seen
+    real = os.path.realpath(directory)
+    if real in seen:
+        return []
+    seen.add(real)
+    with os.scandir(directory) as it:
+        entries = sorted((e for e in it if _visible(e)), key=lambda e: e.name)
+    found = []
+    for entry in entries:
+        if entry.is_dir():
+            found += _walk_images(entry.path, seen)
+        elif _is_image_file(entry):
+            found.append(os.path.abspath(entry.path))
+    return found
+
+
+# ---------------------------------------------------------------- file lists
+
+def _open_file_list(name: str, list_path: str, cache_dir, progress) -> Source:
+    """`path [label]` per line; paths relative to the list's folder unless absolute."""
+    base = os.path.dirname(list_path)
+    paths, labels = [], []
+    with open(list_path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            label = -1
+            parts = line.rsplit(None, 1)
+            if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+                line, label = parts[0], int(parts[1])
+                if label < -1:
+                    raise DataError(f"{name}:{line_no}: label {label} is negative (use -1 or leave it out for unknown)")
+            paths.append(os.path.abspath(os.path.join(base, os.path.expanduser(line))))
+            labels.append(label)
+    if not paths:
+        raise DataError(f"{name}: the file list names no images; expected one 'path [label]' per line")
+    labels = np.asarray(labels, dtype=np.int64)
+    classes = [str(k) for k in range(int(labels.max()) + 1)] if (labels >= 0).any() else []
+    return _index_source(name, "train", name, ("list", list_path), paths, labels, classes, cache_dir, progress)
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+
+def read_idx(path) -> np.ndarray:
+    """A gzipped (or plain) idx file, the MNIST format: magic, big-endian dims, uint8 data."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise DataError(f"{path}: not a uint8 idx file")
+    shape = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _open_sample(split: str, cache_dir, progress) -> Source:
+    tag = "sample sha1 " + hashlib.sha1(SAMPLE_FILE.read_bytes()).hexdigest()
+
+    def load():
+        with np.load(SAMPLE_FILE) as z:
+            return {s: (z[f"{s}_images"], z[f"{s}_labels"]) for s in ("train", "test")}
+
+    dest = cache_root(cache_dir) / "sample"
+    _materialise(dest, tag, load, FASHION_MNIST_CLASSES, progress, "writing sample JPEGs")
+    return _open_materialised("sample", dest, split, cache_dir, progress)
+
+
+def _open_fashion_mnist(split: str, cache_dir, progress) -> Source:
+    source_dir = pathlib.Path(FASHION_MNIST_DIR)
+    files = [source_dir / f for pair in FASHION_MNIST_FILES.values() for f in pair]
+    dest = cache_root(cache_dir) / "fashion-mnist"
+    if not all(f.is_file() for f in files):
+        if (dest / _MANIFEST).is_file():  # written earlier, package since removed: still usable
+            return _open_materialised("fashion-mnist", dest, split, cache_dir, progress)
+        raise DataError(f"Fashion-MNIST not found under {source_dir}: install it with "
+                        f"`apt-get install {FASHION_MNIST_PACKAGE}`")
+    tag = "fashion-mnist " + " ".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+
+    def load():
+        return {s: (read_idx(source_dir / images), read_idx(source_dir / labels).astype(np.int64))
+                for s, (images, labels) in FASHION_MNIST_FILES.items()}
+
+    _materialise(dest, tag, load, FASHION_MNIST_CLASSES, progress, "writing Fashion-MNIST JPEGs")
+    return _open_materialised("fashion-mnist", dest, split, cache_dir, progress)
+
+
+def _open_materialised(name: str, dest: pathlib.Path, split: str, cache_dir, progress) -> Source:
+    """Index a tree written by `_materialise`, keeping Fashion-MNIST's own label numbers."""
+    split_dir = str(dest / split)
+    paths, labels = [], []
+    for label, class_name in enumerate(FASHION_MNIST_CLASSES):
+        found = _walk_images(os.path.join(split_dir, class_name))
+        paths += found
+        labels += [label] * len(found)
+    return _index_source(name, split, name, ("dir", split_dir), paths, np.asarray(labels, dtype=np.int64),
+                         list(FASHION_MNIST_CLASSES), cache_dir, progress)
+
+
+_MANIFEST = "MANIFEST.json"
+
+
+def _read_manifest(directory: pathlib.Path) -> Optional[dict]:
+    try:
+        return json.loads((directory / _MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _materialise(dest: pathlib.Path, tag: str, load_splits: Callable[[], dict], classes: Sequence[str],
+                 progress: bool, desc: str) -> None:
+    """Write arrays as dest/{split}/{class}/{i:05d}.jpg once; a complete tree is reused.
+
+    The tree is built in a temporary sibling and moved into place with one
+    rename, so a killed run leaves either nothing or a complete tree, and of
+    two processes racing, the loser finds the winner's tree and drops its own.
+    """
+    manifest = _read_manifest(dest)
+    if manifest is not None and manifest.get("source") == tag:
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in dest.parent.glob(f".{dest.name}.*-*"):  # from runs killed a day or more ago
+        try:
+            if time.time() - leftover.stat().st_mtime > 86400:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            pass
+    splits = load_splits()
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        total = sum(len(labels) for _, labels in splits.values())
+        with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False, file=sys.stderr) as bar:
+            for split, (images, labels) in splits.items():
+                for class_name in classes:
+                    (tmp / split / class_name).mkdir(parents=True)
+                for i, (image, label) in enumerate(zip(images, labels)):
+                    Image.fromarray(image).save(tmp / split / classes[label] / f"{i:05d}.jpg",
+                                                quality=MATERIALISED_JPEG_QUALITY)
+                    bar.update()
+        counts = {split: int(len(labels)) for split, (_, labels) in splits.items()}
+        (tmp / _MANIFEST).write_text(json.dumps({"source": tag, "classes": list(classes), "counts": counts}))
+        if dest.exists():  # stale tree from another source version: move aside, then delete
+            stale = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}.stale-", dir=dest.parent))
+            os.replace(dest, stale / dest.name)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            winner = _read_manifest(dest)
+            if winner is None or winner.get("source") != tag:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the index
+
+def _index_source(name: str, split: str, shown: str, identity: tuple, paths: list, labels: np.ndarray,
+                  classes: list, cache_dir, progress) -> Source:
+    """Sizes of `paths` from the cache or their headers; unusable files dropped with one warning."""
+    n_listed = len(paths)
+    sizes = np.full(n_listed, -1, dtype=np.int64)  # -1: listed but missing (file lists)
+    mtimes = np.zeros(n_listed, dtype=np.int64)
+    for i, path in enumerate(paths):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
+    widths = np.full(n_listed, -1, dtype=np.int32)
+    heights = np.full(n_listed, -1, dtype=np.int32)
+
+    cache_file = cache_root(cache_dir) / "index" / (hashlib.sha1(repr(identity).encode()).hexdigest() + ".npz")
+    blob = _join_paths(paths)
+    cached = _load_index(cache_file)
+    if (cached is not None and cached["paths"].tobytes() == blob
+            and np.array_equal(cached["sizes"], sizes) and np.array_equal(cached["mtimes"], mtimes)):
+        widths[:], heights[:] = cached["widths"], cached["heights"]
+    else:
+        # Reuse every entry (usable or not) whose file is unchanged; read the headers of the rest.
+        known = {p: k for k, p in enumerate(_split_paths(cached["paths"]))} if cached is not None else {}
+        to_probe = []
+        for i, path in enumerate(paths):
+            k = known.get(path)
+            if (k is not None and sizes[i] >= 0 and cached["sizes"][k] == sizes[i]
+                    and cached["mtimes"][k] == mtimes[i]):
+                widths[i], heights[i] = cached["widths"][k], cached["heights"][k]
+            elif sizes[i] >= 0:
+                to_probe.append(i)
+        for i, (w, h) in zip(to_probe, _probe_all([paths[i] for i in to_probe], sizes[to_probe], progress, shown)):
+            widths[i], heights[i] = w, h
+        _save_index(cache_file, blob, sizes, mtimes, widths, heights)
+
+    usable = widths >= 0
+    skipped = n_listed - int(usable.sum())
+    if not usable.any():
+        raise DataError(f"{shown}: none of the {n_listed:,} image files could be read "
+                        f"(e.g. {paths[0]}); expected JPEG, PNG, BMP, WebP or TIFF images")
+    if skipped:
+        first_bad = paths[int(np.flatnonzero(~usable)[0])]
+        noun = "file" if skipped == 1 else "files"
+        print(f"warning: skipped {skipped:,} unreadable {noun} of {n_listed:,} in {shown} (e.g. {first_bad})",
+              file=sys.stderr)
+    keep = np.flatnonzero(usable)
+    return Source(name=name, split=split, paths=[paths[i] for i in keep], labels=labels[keep].astype(np.int64),
+                  widths=widths[keep].astype(np.int32), heights=heights[keep].astype(np.int32),
+                  classes=list(classes), skipped=skipped)
+
+
+def _join_paths(paths: list) -> bytes:
+    return "\0".join(paths).encode("utf-8", "surrogateescape")
+
+
+def _split_paths(blob: np.ndarray) -> list:
+    raw = blob.tobytes()
+    return raw.decode("utf-8", "surrogateescape").split("\0") if raw else []
+
+
+def _load_index(cache_file: pathlib.Path) -> Optional[dict]:
+    try:
+        with np.load(cache_file) as z:
+            if int(z["version"]) != INDEX_VERSION:
+                return None
+            return {k: z[k] for k in ("paths", "sizes", "mtimes", "widths", "heights")}
+    except (OSError, KeyError, ValueError, EOFError):
+        return None  # absent, from another version, or damaged: rebuild
+
+
+def _save_index(cache_file: pathlib.Path, blob: bytes, sizes, mtimes, widths, heights) -> None:
+    """Write atomically; a cache that cannot be written only costs time on the next open."""
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=cache_file.stem + ".", suffix=".tmp", dir=cache_file.parent)
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, version=np.int64(INDEX_VERSION), paths=np.frombuffer(blob, dtype=np.uint8),
+                                sizes=sizes, mtimes=mtimes, widths=widths, heights=heights)
+        os.replace(tmp, cache_file)
+    except OSError as e:
+        print(f"warning: could not write the image index cache {cache_file}: {e}", file=sys.stderr)
+
+
+def _probe_all(paths: list, sizes: np.ndarray, progress: bool, shown: str) -> list:
+    """`probe_image` over many files on a thread pool, in order, with a progress bar."""
+    if len(paths) <= _PROBE_CHUNK:
+        return [probe_image(p, int(s)) for p, s in zip(paths, sizes)]
+    chunks = [(paths[i:i + _PROBE_CHUNK], sizes[i:i + _PROBE_CHUNK]) for i in range(0, len(paths), _PROBE_CHUNK)]
+    results = []
+    with tqdm(total=len(paths), desc=f"indexing {shown}", unit="img", disable=not progress, leave=False,
+              file=sys.stderr) as bar, ThreadPoolExecutor(_PROBE_THREADS) as pool:
+        for chunk_result in pool.map(lambda c: [probe_image(p, int(s)) for p, s in zip(*c)], chunks):
+            results += chunk_result
+            bar.update(len(chunk_result))
+    return results
+
+
+def probe_image(path: str, size: Optional[int] = None) -> tuple:
+    """(width, height) as decoded after EXIF orientation, or (-1, -1) for a file that would fail.
+
+    JPEGs cost a header read and a look at their last bytes; a full decode
+    happens only when the end-of-image marker is not there (a truncated file,
+    or data after the image such as a motion photo's video). PNGs are
+    checked chunk by chunk (`verify`, no decode); other formats are decoded.
+    """
+    try:
+        if size is None:
+            size = os.path.getsize(path)
+        if size == 0:
+            return _UNUSABLE
+        with open(path, "rb") as f:
+            with Image.open(f) as im:
+                fmt = im.format
+                if fmt in ("JPEG", "MPO"):
+                    width, height = im.size
+                    orientation = im.getexif().get(EXIF_ORIENTATION)
+                elif fmt == "PNG":
+                    width, height = im.size
+                    im.verify()
+                    orientation = _orientation_from_exif_bytes(im.info.get("exif"))
+                else:
+                    # Decoding also settles orientation: PIL turns TIFFs itself and drops the tag.
+                    im.load()
+                    width, height = im.size
+                    orientation = im.getexif().get(EXIF_ORIENTATION)
+            if fmt in ("JPEG", "MPO"):
+                f.seek(max(0, size - _JPEG_TAIL_BYTES))
+                if _JPEG_EOI not in f.read():
+                    with Image.open(path) as full:
+                        full.load()  # raises "image file is truncated" when data is missing
+    except Exception:  # PIL raises many kinds (OSError, SyntaxError, ValueError, struct.error...)
+        return _UNUSABLE
+    if orientation in _TRANSPOSED_ORIENTATIONS:
+        width, height = height, width
+    return int(width), int(height)
+
+
+def _orientation_from_exif_bytes(raw) -> Optional[int]:
+    if not raw:
+        return None
+    exif = Image.Exif()
+    exif.load(raw)
+    return exif.get(EXIF_ORIENTATION)
+
+
+# ---------------------------------------------------------------- photo folder
+
+_PHOTO_SETTINGS = ".viewforge-photos.json"
+_PORTRAIT_P = 0.25  # ImageNet holds mostly 500x375 landscapes and fewer 375x500 portraits
+_PHOTO_AREA = (0.1, 1.0)  # crop area as a fraction of the largest window of the right shape
+
+
+def make_photo_folder(out_dir, count: int, size=(500, 375), quality: int = 90, seed: int = 0,
+                      sources: Sequence[str] = PHOTO_SOURCES, progress: bool = True,
+                      cache_dir: Optional[str] = None) -> Source:
+    """`count` ImageNet-like JPEGs cut from large wallpaper photos into `out_dir` (flat, unlabelled).
+
+    Image i is a random crop (random photo, orientation, scale, position and
+    mirror, drawn from (seed, i)) resized to `size` or its transpose, so a
+    folder made with a larger count extends a smaller one. Existing files
+    made with the same settings are kept; the returned Source holds exactly
+    photo_000000.jpg ... of the requested count; its index is cached under
+    `cache_root(cache_dir)` like any other source's.
+    """
+    if isinstance(sources, (str, os.PathLike)):
+        sources = (sources,)
+    photos = sorted(
+        os.path.join(d, f) for d in sources if os.path.isdir(d) for f in os.listdir(d)
+        if os.path.splitext(f)[1].lower() in {".jpg", ".jpeg", ".png"})
+    if not photos:
+        raise DataError(f"no source photos in {', '.join(map(str, sources))}: install them with "
+                        f"`apt-get install {PHOTO_PACKAGE}`")
+    if count < 1:
+        raise DataError(f"make_photo_folder: count must be positive, not {count}")
+    out = pathlib.Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    targets = [out / f"photo_{i:06d}.jpg" for i in range(count)]
+
+    settings = {"size": [int(s) for s in size], "quality": int(quality), "seed": int(seed),
+                "photos": [os.path.basename(p) for p in photos]}
+    try:
+        old_settings = json.loads((out / _PHOTO_SETTINGS).read_text())
+    except (OSError, ValueError):
+        old_settings = None
+    if old_settings != settings:
+        # Files made otherwise would mix into this folder: remove ours before writing the new settings.
+        for stale in out.glob("photo_*.jpg"):
+            stale.unlink()
+        (out / _PHOTO_SETTINGS).write_text(json.dumps(settings))
+    # Files appear by rename only, so an existing one is complete.
+    todo = [i for i in range(count) if not targets[i].exists()]
+
+    by_photo = {}
+    for i in todo:
+        rng = np.random.default_rng([seed, i])
+        photo = int(rng.integers(len(photos)))
+        by_photo.setdefault(photo, []).append((i, rng))
+    with tqdm(total=len(todo), desc=f"cutting photos into {out}", unit="img", disable=not progress or not todo,
+              leave=False, file=sys.stderr) as bar:
+        for photo, jobs in sorted(by_photo.items()):
+            with Image.open(photos[photo]) as im:
+                picture = im.convert("RGB")
+            for i, rng in jobs:
+                _cut_photo(picture, rng, size, quality, targets[i])
+                bar.update()
+
+    labels = np.full(count, -1, dtype=np.int64)
+    return _index_source(str(out_dir), "train", str(out_dir), ("dir", str(out)), [str(t) for t in targets],
+                         labels, [], cache_dir, progress)
+
+
+def _cut_photo(picture: Image.Image, rng: np.random.Generator, size, quality: int, target: pathlib.Path) -> None:
+    out_w, out_h = (size[1], size[0]) if rng.random() < _PORTRAIT_P else (size[0], size[1])
+    pic_w, pic_h = picture.size
+    # Largest window with the output's aspect ratio, then a random fraction of its area.
+    full_scale = min(pic_w / out_w, pic_h / out_h)
+    scale = full_scale * np.sqrt(rng.uniform(*_PHOTO_AREA))
+    crop_w, crop_h = min(pic_w, out_w * scale), min(pic_h, out_h * scale)
+    left = rng.uniform(0, pic_w - crop_w)
+    top = rng.uniform(0, pic_h - crop_h)
+    crop = picture.resize((out_w, out_h), Image.Resampling.BICUBIC,
+                          box=(left, top, left + crop_w, top + crop_h), reducing_gap=3.0)
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    tmp = target.with_name(f".{target.name}.tmp")
+    crop.save(tmp, format="JPEG", quality=quality)
+    os.replace(tmp, target)
