@@ -75,11 +75,54 @@ def _beta_half(state):
     return s * s
 
 
+@numba.njit(cache=True, inline="always")
+def _seed(key, a, b):
+    """The starting state of substream (a, b) of `key`."""
+    return _mix(key ^ _mix(np.uint64(a) * _GOLDEN + np.uint64(b)))
+
+
 @numba.njit(cache=True)
 def _substream(key, a, b):
     state = np.empty(1, np.uint64)
-    state[0] = _mix(key ^ _mix(np.uint64(a) * _GOLDEN + np.uint64(b)))
+    state[0] = _seed(key, a, b)
     return state
+
+
+# The same draws with the state threaded through as a value, `s, u = _su(s,
+# lo, hi)`, so that LLVM keeps it in a register: with a state array it must
+# reload the state after every store to an output array (they may alias),
+# which cost the kernels a third of their time or more. Both forms give the
+# same numbers for the same seed.
+@numba.njit(cache=True, inline="always")
+def _su(s, lo, hi):
+    s = s + _GOLDEN
+    u = np.float64(_mix(s) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+    return s, lo + (hi - lo) * u
+
+
+@numba.njit(cache=True, inline="always")
+def _sint(s, n):
+    """Uniform integer in [0, n), as _randint."""
+    s, u = _su(s, 0.0, 1.0)
+    r = np.int64(u * n)
+    return s, (r if r < n else n - 1)
+
+
+@numba.njit(cache=True, inline="always")
+def _sbelow(s, n):
+    """Uniform integer in [0, n) for 0 < n < 2**32 by a 32-bit multiply-shift
+    of the draw's high half (bias below n / 2**32): no float conversions, so
+    a short dependency chain where one draw's range is another's result."""
+    s = s + _GOLDEN
+    return s, np.int64(((_mix(s) >> np.uint64(32)) * np.uint64(n)) >> np.uint64(32))
+
+
+@numba.njit(cache=True, inline="always")
+def _sbeta(s):
+    """Beta(0.5, 0.5), as _beta_half."""
+    s, u = _su(s, 0.0, 1.0)
+    v = math.sin(0.5 * math.pi * u)
+    return s, v * v
 
 
 # ---------------------------------------------------------------- sampling
@@ -94,32 +137,36 @@ def _permutation(n, key):
 
 
 @numba.njit(cache=True, inline="always")
-def _resized_crop(state, width, height, s0, s1, logr0, logr1):
+def _resized_crop(s, width, height, s0, s1, logr0, logr1):
     """torchvision.transforms.RandomResizedCrop.get_params, in pixels:
     10 tries of (area scale, log-uniform ratio), then the centre-crop
-    fallback. Returns (top, left, h, w)."""
+    fallback. Returns (state, top, left, h, w)."""
     area = width * height
     for _ in range(10):
-        target_area = area * _uniform(state, s0, s1)
-        aspect = math.exp(_uniform(state, logr0, logr1))
+        s, u = _su(s, s0, s1)
+        target_area = area * u
+        s, u = _su(s, logr0, logr1)
+        aspect = math.exp(u)
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            top = _randint(state, height - h + 1)
-            left = _randint(state, width - w + 1)
-            return top, left, h, w
+            s, top = _sint(s, height - h + 1)
+            s, left = _sint(s, width - w + 1)
+            return s, top, left, h, w
     in_ratio = width / height
     rmin, rmax = math.exp(logr0), math.exp(logr1)
+    # torchvision rounds a side of a tiny image to 0 here (1 x 1 px, ratio
+    # 1/2: round(0.5) = 0), an empty window no renderer takes; keep >= 1 px.
     if in_ratio < rmin:
         w = width
-        h = int(round(w / rmin))
+        h = max(1, int(round(w / rmin)))
     elif in_ratio > rmax:
         h = height
-        w = int(round(h * rmax))
+        w = max(1, int(round(h * rmax)))
     else:
         w = width
         h = height
-    return (height - h) // 2, (width - w) // 2, h, w
+    return s, (height - h) // 2, (width - w) // 2, h, w
 
 
 # Columns of the per-view augmentation table handed to the kernel.
@@ -151,33 +198,306 @@ def _plan_views(key, stream, widths, heights, index, augs, s0, s1, logr0, logr1,
     for v in range(count):
         a = augs[v]
         for b in range(batch):
-            state = _substream(key, stream * 65536 + v, b)
+            s = _seed(key, stream * 65536 + v, b)
             width, height = widths[index[b]], heights[index[b]]
             if whole:
                 window[v, b, 0], window[v, b, 1], window[v, b, 2], window[v, b, 3] = 0, 0, height, width
             else:
-                t, l, h, w = _resized_crop(state, width, height, s0, s1, logr0, logr1)
+                s, t, l, h, w = _resized_crop(s, width, height, s0, s1, logr0, logr1)
                 window[v, b, 0], window[v, b, 1], window[v, b, 2], window[v, b, 3] = t, l, h, w
-            flip[v, b] = _uniform(state, 0.0, 1.0) < a[_A_FLIP]
+            s, u = _su(s, 0.0, 1.0)
+            flip[v, b] = u < a[_A_FLIP]
             # ColorJitter.get_params: factors uniform in [1-x, 1+x] (hue in
             # [-x, x]) and a random order of the four operations.
-            jitter[v, b] = _uniform(state, 0.0, 1.0) < a[_A_JIT]
-            factors[v, b, 0] = _uniform(state, max(0.0, 1.0 - a[_A_B]), 1.0 + a[_A_B])
-            factors[v, b, 1] = _uniform(state, max(0.0, 1.0 - a[_A_C]), 1.0 + a[_A_C])
-            factors[v, b, 2] = _uniform(state, max(0.0, 1.0 - a[_A_S]), 1.0 + a[_A_S])
-            factors[v, b, 3] = _uniform(state, -a[_A_H], a[_A_H])
+            s, u = _su(s, 0.0, 1.0)
+            jitter[v, b] = u < a[_A_JIT]
+            s, u = _su(s, max(0.0, 1.0 - a[_A_B]), 1.0 + a[_A_B])
+            factors[v, b, 0] = u
+            s, u = _su(s, max(0.0, 1.0 - a[_A_C]), 1.0 + a[_A_C])
+            factors[v, b, 1] = u
+            s, u = _su(s, max(0.0, 1.0 - a[_A_S]), 1.0 + a[_A_S])
+            factors[v, b, 2] = u
+            s, u = _su(s, -a[_A_H], a[_A_H])
+            factors[v, b, 3] = u
             for i in range(4):
                 order[v, b, i] = i
             for i in range(3, 0, -1):
-                j = _randint(state, i + 1)
+                s, j = _sint(s, i + 1)
                 order[v, b, i], order[v, b, j] = order[v, b, j], order[v, b, i]
-            gray[v, b] = _uniform(state, 0.0, 1.0) < a[_A_GRAY]
-            if _uniform(state, 0.0, 1.0) < a[_A_BLUR]:
-                sigma[v, b] = _uniform(state, a[_A_SIG0], a[_A_SIG1])
+            s, u = _su(s, 0.0, 1.0)
+            gray[v, b] = u < a[_A_GRAY]
+            s, u = _su(s, 0.0, 1.0)
+            if u < a[_A_BLUR]:
+                s, u = _su(s, a[_A_SIG0], a[_A_SIG1])
+                sigma[v, b] = u
             else:
-                _uniform(state, 0.0, 1.0)  # keep the stream's length fixed
-            solarize[v, b] = _uniform(state, 0.0, 1.0) < a[_A_SOL]
+                s, u = _su(s, 0.0, 1.0)  # keep the stream's length fixed
+            s, u = _su(s, 0.0, 1.0)
+            solarize[v, b] = u < a[_A_SOL]
     return window, flip, jitter, factors, order, gray, sigma, solarize
+
+
+# ---------------------------------------------------------------- mosaic
+# MosRep (Wang et al., ICLR 2023). The official code (DerrickWang005/
+# MosRep.pytorch, moco/builder.py `_mosaic_ddp` and `_shift`) puts crop k of
+# image (c - k) mod B into cell k of canvas c (a fixed roll of the batch),
+# then moves every canvas of the batch by ONE offset
+# int((Beta(.5, .5) * 2 - 1) * 48) per axis into torch.zeros_like(mosaic) of
+# the already *normalised* tensor. Here the assignment is random (below)
+# and every canvas gets its own shift.
+
+@numba.njit(cache=True, error_model="numpy")
+def _mosaic_draws(key, batch, m, jitter, limit):
+    """The random part of a mosaic plan, from substream (0, 0) of `key`.
+
+    Returns tile_src, tile_crop int32 [batch, m] (the image, and which of its
+    crops, in grid cell t of canvas c) and shift int32 [batch, 2] (dx, dy),
+    the displacement of each canvas's content, clamped to [-limit, limit].
+
+    Construction: perm is a random permutation of the batch, off[0..m-1] are
+    m distinct residues mod batch (a partial Fisher-Yates), and slot k of
+    canvas c holds image perm[(c + off[k]) mod batch]; a random permutation
+    `cell` of the grid cells places canvas c's slots, and crop_of[i] (a
+    random permutation of 0..m-1 per image i) says which crop image i gives
+    to its slot k. Proof of validity:
+    * distinct images per canvas: within canvas c the positions
+      (c + off[k]) mod batch, k = 0..m-1, are distinct because the off[k]
+      are distinct residues (this needs batch >= m), and perm is injective;
+    * each image exactly m times, each of its crops once: for a fixed slot
+      k, c -> (c + off[k]) mod batch is a bijection of Z_batch, so every
+      image fills slot k of exactly one canvas; over the m slots it appears
+      m times, once per slot, with crops crop_of[i, 0..m-1], a permutation;
+    * every cell of a canvas is filled once because `cell` is a permutation.
+    """
+    if batch < m:
+        raise ValueError("a mosaic needs a batch of at least crops_per_image images")
+    s = _seed(key, 0, 0)
+    perm = np.arange(batch)
+    for i in range(batch - 1, 0, -1):  # Fisher-Yates
+        s, j = _sint(s, i + 1)
+        perm[i], perm[j] = perm[j], perm[i]
+    pool = np.arange(batch)
+    off = np.empty(m, np.int64)
+    for k in range(m):
+        s, j = _sint(s, batch - k)
+        j += k
+        pool[k], pool[j] = pool[j], pool[k]
+        off[k] = pool[k]
+    crop_of = np.empty((batch, m), np.int32)
+    for i in range(batch):
+        for k in range(m):
+            crop_of[i, k] = k
+        for k in range(m - 1, 0, -1):
+            s, j = _sint(s, k + 1)
+            crop_of[i, k], crop_of[i, j] = crop_of[i, j], crop_of[i, k]
+    tile_src = np.empty((batch, m), np.int32)
+    tile_crop = np.empty((batch, m), np.int32)
+    cell = np.empty(m, np.int64)
+    for c in range(batch):
+        for k in range(m):
+            cell[k] = k
+        for k in range(m - 1, 0, -1):
+            s, j = _sint(s, k + 1)
+            cell[k], cell[j] = cell[j], cell[k]
+        for k in range(m):
+            i = c + off[k]
+            img = perm[i - batch if i >= batch else i]
+            tile_src[c, cell[k]] = img
+            tile_crop[c, cell[k]] = crop_of[img, k]
+    shift = np.zeros((batch, 2), np.int32)
+    for c in range(batch):
+        # official: int((np.random.beta(.5, .5) * 2 - 1) * range), y first;
+        # int() truncates towards zero, so |d| <= jitter.
+        s, u = _sbeta(s)
+        dy = np.int64((u * 2.0 - 1.0) * jitter)
+        s, u = _sbeta(s)
+        dx = np.int64((u * 2.0 - 1.0) * jitter)
+        shift[c, 0] = min(max(dx, -limit), limit)
+        shift[c, 1] = min(max(dy, -limit), limit)
+    return tile_src, tile_crop, shift
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _mosaic_geometry(tile_src, shift, grid, crop):
+    """The deterministic part: tiles of crop x crop px in a grid x grid
+    canvas, cell t at row t // grid, column t % grid, moved by shift[c] =
+    (dx, dy) and clipped to the canvas. Returns paste int32 [B, M, 6]
+    (src_y, src_x, h, w, dst_y, dst_x), rois float32 [B*M, 5] (canvas, x0, y0,
+    x1, y1) of the visible part with exclusive ends (x1 = x0 + w), src int64
+    [B*M] and weight float32 [B*M] = visible area / crop area."""
+    batch, m = tile_src.shape
+    side = grid * crop
+    paste = np.empty((batch, m, 6), np.int32)
+    rois = np.empty((batch * m, 5), np.float32)
+    src = np.empty(batch * m, np.int64)
+    weight = np.empty(batch * m, np.float32)
+    full = np.float64(crop * crop)
+    for c in range(batch):
+        dx, dy = np.int64(shift[c, 0]), np.int64(shift[c, 1])
+        for t in range(m):
+            row, col = divmod(t, grid)
+            y, x = row * crop + dy, col * crop + dx
+            y0, y1 = max(y, 0), min(y + crop, side)
+            x0, x1 = max(x, 0), min(x + crop, side)
+            h, w = max(y1 - y0, 0), max(x1 - x0, 0)
+            paste[c, t, 0], paste[c, t, 1], paste[c, t, 2] = y0 - y, x0 - x, h
+            paste[c, t, 3], paste[c, t, 4], paste[c, t, 5] = w, y0, x0
+            r = c * m + t
+            rois[r, 0], rois[r, 1], rois[r, 2], rois[r, 3], rois[r, 4] = c, x0, y0, x0 + w, y0 + h
+            src[r] = tile_src[c, t]
+            weight[r] = (h * w) / full
+    return paste, rois, src, weight
+
+
+# ---------------------------------------------------------------- SCRL pairs
+# SCRL (Roh et al., CVPR 2021). Official code: kakaobrain/scrl,
+# models/box_generator.py `SCRLBoxGenerator.generate`, with the configs'
+# grid_based_box_gen=True. Boxes get integer corners in a "frame": the two
+# windows' intersection scaled, per axis, by the smaller of the two views'
+# scales (size / max(w0, w1) horizontally, size / max(h0, h1) vertically),
+# so a box of side >= min_size there has side >= min_size in both views.
+
+@numba.njit(cache=True, error_model="numpy")
+def _pair_frame(window, b, size):
+    """Intersection of windows [0, b] and [1, b] (top, left, h, w) in source
+    pixels. Returns (ix, iy, wmax, hmax, fw, fh): its top-left corner, the
+    larger window width and height, and its integer size in the frame,
+    fw = floor((x1 - x0) * size / wmax); fw = fh = -1 when there is none."""
+    t0, l0 = np.int64(window[0, b, 0]), np.int64(window[0, b, 1])
+    h0, w0 = np.int64(window[0, b, 2]), np.int64(window[0, b, 3])
+    t1, l1 = np.int64(window[1, b, 0]), np.int64(window[1, b, 1])
+    h1, w1 = np.int64(window[1, b, 2]), np.int64(window[1, b, 3])
+    ix0, ix1 = max(l0, l1), min(l0 + w0, l1 + w1)
+    iy0, iy1 = max(t0, t1), min(t0 + h0, t1 + h1)
+    wmax, hmax = max(w0, w1), max(h0, h1)
+    if ix1 <= ix0 or iy1 <= iy0:
+        return ix0, iy0, wmax, hmax, np.int64(-1), np.int64(-1)
+    return ix0, iy0, wmax, hmax, (ix1 - ix0) * size // wmax, (iy1 - iy0) * size // hmax
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _pair_sample(s, fw, fh, k, min_size, max_iou, tries, out, cws, chs):
+    """Up to k boxes (x0, y0, x1, y1) with integer corners in an fw x fh
+    frame (fw, fh >= min_size >= 1) into out[:k], drawn from state s;
+    returns how many. cws and chs are scratch of fw // min_size + 1 and
+    fh // min_size + 1 entries.
+
+    The official grid-based generation: split the frame into dw x dh cells
+    (dw uniform in 1..fw // min_size), pick a cell, a box side uniform in
+    [min_size, cell side] and a position inside the cell. A box whose IoU
+    with a box of the image accepted before exceeds max_iou is drawn again,
+    `tries` times at most, after which that box is dropped (the official
+    code keeps its last draw).
+    """
+    n = 0
+    nw, nh = fw // min_size, fh // min_size
+    ffw, ffh = np.float64(fw), np.float64(fh)
+    for d in range(1, nw + 1):
+        cws[d] = fw // d  # cell side for d cells
+    for d in range(1, nh + 1):
+        chs[d] = fh // d
+    for _ in range(k):
+        for _t in range(tries):
+            s, dw = _sbelow(s, nw)
+            s, dh = _sbelow(s, nh)
+            dw += 1
+            dh += 1
+            s, gx = _sbelow(s, dw)
+            s, gy = _sbelow(s, dh)
+            cw, ch = cws[dw], chs[dh]
+            s, bw = _sbelow(s, cw - min_size + 1)
+            s, bh = _sbelow(s, ch - min_size + 1)
+            bw += min_size
+            bh += min_size
+            s, x0 = _sbelow(s, cw - bw + 1)
+            s, y0 = _sbelow(s, ch - bh + 1)
+            # the cell's start floor(g * f / d), through float64: exact for
+            # these small positive integers, and far faster than Numba's //
+            x0 += np.int64(gx * ffw / dw)
+            y0 += np.int64(gy * ffh / dh)
+            x1, y1 = x0 + bw, y0 + bh
+            area = bw * bh
+            bad = False
+            for j in range(n):  # IoU with the boxes accepted so far
+                iw = max(min(x1, out[j, 2]) - max(x0, out[j, 0]), 0)
+                ih = max(min(y1, out[j, 3]) - max(y0, out[j, 1]), 0)
+                inter = iw * ih
+                union = area + (out[j, 2] - out[j, 0]) * (out[j, 3] - out[j, 1]) - inter
+                bad |= inter > max_iou * union
+            if not bad:
+                out[n, 0], out[n, 1], out[n, 2], out[n, 3] = x0, y0, x1, y1
+                n += 1
+                break
+    return n
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _pair_boxes(window, flip, size, frame, count):
+    """The deterministic part: frame boxes frame[b, :count[b]] to float32
+    [2, P, 5] (b, x0, y0, x1, y1) in the pixels of views 0 and 1, P =
+    count.sum(), image by image.
+
+    A frame x is x_src = ix + x * wmax / size in the source, and
+    x_view = (x_src - left) * size / w in a view; computed with one rounding
+    as ((ix - left) * size + x * wmax) / w, an integer over an integer, so a
+    box lies inside [0, size] exactly. A flipped view mirrors x -> size - x.
+    """
+    batch, total = window.shape[1], count.sum()
+    num = np.empty(2 * total * 4, np.float64)
+    den = np.empty(2 * total * 4, np.float64)
+    p = 0
+    for b in range(batch):
+        if count[b] == 0:
+            continue
+        ix, iy, wmax, hmax, fw, fh = _pair_frame(window, b, size)
+        for v in range(2):
+            top, left = np.int64(window[v, b, 0]), np.int64(window[v, b, 1])
+            h, w = np.float64(window[v, b, 2]), np.float64(window[v, b, 3])
+            ox, oy = (ix - left) * size, (iy - top) * size
+            for i in range(count[b]):
+                q = (v * total + p + i) * 4
+                num[q] = ox + frame[b, i, 0] * wmax
+                num[q + 1] = oy + frame[b, i, 1] * hmax
+                num[q + 2] = ox + frame[b, i, 2] * wmax
+                num[q + 3] = oy + frame[b, i, 3] * hmax
+                den[q], den[q + 1], den[q + 2], den[q + 3] = w, h, w, h
+        p += count[b]
+    for q in range(num.shape[0]):  # one vectorised pass of exact divisions
+        num[q] /= den[q]
+    boxes = np.empty((2, total, 5), np.float32)
+    p = 0
+    for b in range(batch):
+        for v in range(2):
+            for i in range(count[b]):
+                q = (v * total + p + i) * 4
+                x0, x1 = num[q], num[q + 2]
+                if flip[v, b]:
+                    x0, x1 = size - x1, size - x0
+                r = p + i
+                boxes[v, r, 0], boxes[v, r, 1], boxes[v, r, 2], boxes[v, r, 3], boxes[v, r, 4] = (
+                    b, x0, num[q + 1], x1, num[q + 3])
+        p += count[b]
+    return boxes
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _pair_draws(key, window, size, k, min_size, max_iou, tries):
+    """The random part of SCRL pairs: frame boxes int64 [B, k, 4] (x0, y0,
+    x1, y1; rows from count[b] on are zero) and count int32 [B]. Image b
+    draws from substream (0, b) of `key`; an image whose frame is under
+    min_size (or whose windows do not meet) gets none."""
+    batch = window.shape[1]
+    min_size = max(min_size, 1)
+    frame = np.zeros((batch, k, 4), np.int64)
+    count = np.zeros(batch, np.int32)
+    cells = np.empty((2, size // min_size + 1), np.int64)  # fw, fh <= size
+    for b in range(batch):
+        ix, iy, wmax, hmax, fw, fh = _pair_frame(window, b, size)
+        if fw < min_size or fh < min_size:
+            continue
+        count[b] = _pair_sample(_seed(key, 0, b), fw, fh, k, min_size, max_iou, tries, frame[b], cells[0],
+                                cells[1])
+    return frame, count
 
 
 # ---------------------------------------------------------------- plan types
@@ -227,10 +547,13 @@ class MosaicPlan:
                 grid cell) of canvas c; distinct within a canvas, each image
                 exactly M times over the batch
     tile_crop:  int32 [B, M] which of that image's M crops fills the tile
-    shift:      int32 [B, 2] (dx, dy) jitter of each canvas, zero fill
+    shift:      int32 [B, 2] (dx, dy) jitter of each canvas; uncovered pixels take
+                the mean colour (official: zero after normalisation)
+                (the content moves dx px right and dy px down)
     paste:      int32 [B, M, 6] (src_y, src_x, h, w, dst_y, dst_x) of each
                 tile after the shift, clipped to the canvas
     rois:       float32 [B*M, 5] (canvas, x0, y0, x1, y1) in canvas pixels
+                (r = c*M + t; x1 = x0 + visible width, exclusive)
     src:        int64 [B*M] batch index of each RoI's source image
     weight:     float32 [B*M] visible fraction of each tile
     """
@@ -304,6 +627,8 @@ class Planner:
         self.steps_per_epoch = per_rank // self.batch_size
         self._augs = {c.name: np.array([_aug_row(c.aug(v)) for v in range(c.count)], np.float64)
                       for c in spec.crops}
+        if spec.mosaic is not None:
+            self._mosaic_augs = np.array([_aug_row(spec.mosaic.aug)] * spec.mosaic.crops_per_image, np.float64)
         self._shard_epoch, self._shard = None, None
 
     def __len__(self) -> int:
@@ -346,10 +671,25 @@ class Planner:
         return CropPlan(*arrays, size=size, augs=aug_specs)
 
     def _mosaic(self, epoch, step, index) -> MosaicPlan:
-        raise NotImplementedError("mosaic planning lands with the DALI issue")
+        ms = self.spec.mosaic
+        m = ms.crops_per_image
+        key = _key(self.seed, epoch, self.rank, step, _STREAM_MOSAIC)
+        crops = self._views(key, index, self._mosaic_augs, ms.scale, ms.ratio, False, ms.crop_size,
+                            (ms.aug,) * m)
+        key = _key(self.seed, epoch, self.rank, step, _STREAM_MOSAIC_GROUP)
+        # |shift| < crop keeps at least one row and column of every tile visible.
+        tile_src, tile_crop, shift = _mosaic_draws(np.uint64(key), len(index), m, int(ms.jitter),
+                                                   ms.crop_size - 1)
+        paste, rois, src, weight = _mosaic_geometry(tile_src, shift, ms.grid, ms.crop_size)
+        return MosaicPlan(crops=crops, tile_src=tile_src, tile_crop=tile_crop, shift=shift, paste=paste,
+                          rois=rois, src=src, weight=weight, canvas_size=ms.canvas_size)
 
     def _pairs(self, epoch, step, crops: CropPlan) -> PairPlan:
-        raise NotImplementedError("SCRL pair planning lands with the DALI issue")
+        ps = self.spec.pairs
+        key = _key(self.seed, epoch, self.rank, step, _STREAM_PAIRS)
+        frame, count = _pair_draws(np.uint64(key), crops.window, crops.size, ps.boxes_per_image, ps.min_size,
+                                   float(ps.max_iou), ps.tries)
+        return PairPlan(boxes=_pair_boxes(crops.window, crops.flip, crops.size, frame, count), count=count)
 
 
 def step_key(seed: int, epoch: int, rank: int, step: int, stream: int = 0) -> int:

@@ -20,7 +20,7 @@ from torchvision.transforms import InterpolationMode
 
 from .base import PlannedLoader
 from .plan import BatchPlan, CropPlan, Planner
-from .views import Views
+from .views import MEAN
 
 try:  # optional faster decode and resize (conda only)
     import accimage
@@ -81,12 +81,18 @@ def render_family(images, plan: CropPlan) -> np.ndarray:
     return out
 
 
+# What the jitter leaves uncovered: the official code shifts the normalised
+# tensor with zero fill, i.e. the mean colour in pixels.
+MOSAIC_FILL = tuple(int(round(m * 255)) for m in MEAN)
+
+
 def paste_mosaics(tiles: np.ndarray, mosaic) -> np.ndarray:
     """Canvases [B, S, S, 3] from tiles [M, B, s, s, 3] by the plan's clipped
-    paste table; uncovered pixels stay 0 (the jitter's zero fill)."""
+    paste table; uncovered pixels take MOSAIC_FILL."""
     batch, m = mosaic.tile_src.shape
     s = mosaic.canvas_size
-    canvas = np.zeros((batch, s, s, 3), np.uint8)
+    canvas = np.empty((batch, s, s, 3), np.uint8)
+    canvas[:] = MOSAIC_FILL
     for c in range(batch):
         for t in range(m):
             sy, sx, h, w, dy, dx = (int(x) for x in mosaic.paste[c, t])
