@@ -1,0 +1,1 @@
+"""Backbones, heads, shared losses and the pre-training methods (model/methods)."""

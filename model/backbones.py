@@ -1,0 +1,88 @@
+"""Backbones: torchvision ResNets that return (feature map, pooled features).
+
+    net = build_backbone("resnet50")                   # 224 px ImageNet stem, stride 32
+    net = build_backbone("resnet18", small_stem=True)  # 32-64 px images, stride 8
+    fmap, pooled = net(x)                              # [B,C,h,w], [B,C]; C = net.out_dim
+
+A backbone keeps torchvision's module names (conv1, bn1, layer1..layer4) and
+drops avgpool and fc, so its state_dict is a torchvision ResNet's minus fc:
+`export_torchvision` writes what `torchvision.models.resnet50()` loads.
+
+`BACKBONES` maps a name to a constructor `f(small_stem=..., **kw) -> module`
+with `forward(x) -> (fmap, pooled)`, `out_dim` and `stride`; other families
+(CO-SSL's receptive-field-limited ResNet) register there.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torchvision
+
+
+class Backbone(nn.Module):
+    """The interface: forward(x) -> (fmap [B, C, h, w], pooled [B, C]);
+    out_dim = C; stride = input pixels per feature-map cell."""
+    out_dim: int
+    stride: int
+
+
+class ResNetBackbone(Backbone):
+    """A torchvision ResNet without avgpool and fc.
+
+    small_stem: CIFAR-style stem for 32-64 px inputs (conv1 3x3 stride 1,
+    no max-pool), as in the SimCLR/MoCo CIFAR recipes; the output stride
+    falls from 32 to 8.
+    """
+
+    def __init__(self, arch: str, small_stem: bool = False, zero_init_residual: bool = False):
+        super().__init__()
+        net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
+        self.arch, self.small_stem = arch, small_stem
+        self.out_dim = net.fc.in_features  # 512 (resnet18/34), 2048 (resnet50+)
+        self.stride = 8 if small_stem else 32
+        if small_stem:
+            self.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1, self.maxpool = net.conv1, net.maxpool
+        self.bn1, self.relu = net.bn1, net.relu
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        fmap = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # B x C x H/stride x W/stride
+        return fmap, fmap.mean(dim=(2, 3))                               # B x C
+
+
+BACKBONES = {
+    "resnet18": functools.partial(ResNetBackbone, "resnet18"),
+    "resnet50": functools.partial(ResNetBackbone, "resnet50"),
+}
+
+
+def build_backbone(arch: str, small_stem: bool = False, **kw) -> Backbone:
+    if arch not in BACKBONES:
+        raise ValueError(f"unknown backbone {arch!r}; choose from {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[arch](small_stem=small_stem, **kw)
+
+
+def export_torchvision(backbone: nn.Module) -> dict:
+    """The backbone's weights as a torchvision ResNet state_dict (CPU, contiguous).
+
+    `torchvision.models.<arch>().load_state_dict(sd, strict=False)` reports
+    exactly `fc.weight` and `fc.bias` missing (MoCo's convention for
+    pre-trained backbones: the classifier is trained downstream). With the
+    small stem, conv1.weight is 3x3: the dict loads only into a ResNet whose
+    conv1 is replaced likewise,
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False); net.maxpool = nn.Identity()
+    """
+    prefixes = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers
+    out = {}
+    for k, v in backbone.state_dict().items():
+        while k.startswith(prefixes):
+            k = k.split(".", 1)[1]
+        out[k] = v.detach().cpu().contiguous()
+    return out

@@ -1,0 +1,11 @@
+"""The pre-training methods, one file each, registered by name.
+
+A method is an nn.Module with `name`, `spec(cfg) -> ViewSpec` (static),
+`__init__(cfg)`, `forward(views) -> (loss, metrics)`, `step_end(progress)`
+and a `backbone` attribute (the online backbone).
+"""
+from .byol import BYOL
+from .mocov2 import MoCoV2
+from .simclr import SimCLR
+
+METHODS = {"mocov2": MoCoV2, "byol": BYOL, "simclr": SimCLR}

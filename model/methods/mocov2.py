@@ -1,0 +1,81 @@
+"""MoCo v2 (Chen, Fan, Girshick, He 2020, "Improved Baselines with Momentum
+Contrastive Learning"; code: facebookresearch/moco).
+
+Query encoder: backbone + MLP head (2048-2048-128, no BN, as the official
+builder.py). Key encoder: its EMA, m = 0.999 constant. Negatives: a queue
+of past keys (65536). InfoNCE at T = 0.2.
+
+symmetric=true (default) uses both views as query against the other's key
+and averages the two losses (MoCo v3 Sec. 3, most reimplementations); then
+both views' keys enter the one queue. symmetric=false is the paper's single
+direction (view 0 query, view 1 key). queue_size=0 drops the queue: the
+other keys of the global batch are the negatives (MoCo v3's form).
+
+cfg keys: arch, small_stem, image_size, crop_min_scale, temperature,
+queue_size, proj_dim, proj_hidden, ema, symmetric, shuffle_bn.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipelines.views import MOCOV2_AUG, CropSpec, ViewSpec, Views
+
+from ..backbones import build_backbone
+from ..common import Queue, batch_shuffle, batch_unshuffle, copy_as_target, ema_update, info_nce
+from ..heads import MLP
+
+
+class MoCoV2(nn.Module):
+    name = "mocov2"
+
+    @staticmethod
+    def spec(cfg) -> ViewSpec:
+        # main_moco.py --aug-plus: RandomResizedCrop(scale=(0.2, 1)), jitter 0.4/0.4/0.4/0.1 p 0.8, grey 0.2, blur 0.5, flip
+        scale = (getattr(cfg, "crop_min_scale", 0.2), 1.0)
+        return ViewSpec(crops=(CropSpec("global", 2, cfg.image_size, scale=scale, augs=(MOCOV2_AUG,)),))
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.temperature = cfg.temperature
+        self.ema = cfg.ema
+        self.symmetric = cfg.symmetric
+        self.shuffle_bn = getattr(cfg, "shuffle_bn", True)
+        self.backbone = build_backbone(cfg.arch, cfg.small_stem)
+        self.projector = MLP(self.backbone.out_dim, cfg.proj_hidden, cfg.proj_dim, bn=False)
+        self.key_backbone = copy_as_target(self.backbone)
+        self.key_projector = copy_as_target(self.projector)
+        self.queue = Queue(cfg.proj_dim, cfg.queue_size) if cfg.queue_size > 0 else None
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x)[1])  # B x proj_dim
+
+    @torch.no_grad()
+    def _key(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shuffle_bn:
+            x, undo = batch_shuffle(x)
+        k = self.key_projector(self.key_backbone(x)[1])
+        if self.shuffle_bn:
+            k = batch_unshuffle(k, undo)
+        return F.normalize(k.float(), dim=1)  # B x proj_dim
+
+    def forward(self, views: Views) -> tuple[torch.Tensor, dict]:
+        x1, x2 = views.crops["global"]  # each B x C x H x W, channels_last
+        negatives = self.queue.keys if self.queue is not None else None
+        k2 = self._key(x2)
+        loss, acc = info_nce(self._query(x1), k2, negatives, self.temperature)
+        keys = k2
+        if self.symmetric:
+            k1 = self._key(x1)
+            loss_b, acc_b = info_nce(self._query(x2), k1, negatives, self.temperature)
+            loss, acc = (loss + loss_b) / 2, (acc + acc_b) / 2
+            keys = torch.cat([k2, k1])
+        if self.queue is not None and self.training:
+            self.queue.enqueue(keys)  # info_nce read a snapshot of the queue
+        return loss, {"acc": acc.detach()}
+
+    @torch.no_grad()
+    def step_end(self, progress: float) -> None:
+        ema_update(self.key_backbone, self.backbone, self.ema)
+        ema_update(self.key_projector, self.projector, self.ema)

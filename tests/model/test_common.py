@@ -1,0 +1,295 @@
+"""Shared pieces against hand-written references: losses, EMA, queue, LARS, kNN,
+and the distributed gathers in a real two-process gloo group."""
+import math
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.common import (Queue, batch_shuffle, batch_unshuffle, byol_loss, concat_all_gather, copy_as_target,
+                          cosine_momentum, ema_update, info_nce, nt_xent, roi_features)
+from model.knn import knn_accuracy, knn_predict
+from model.optim import LARS, build_optimizer
+
+
+# ----------------------------------------------------------------------------- losses
+def _ce(logits, target):
+    """-log softmax(logits)[target] for one row of Python floats."""
+    m = max(logits)
+    return -(logits[target] - m - math.log(sum(math.exp(v - m) for v in logits)))
+
+
+def _unit(rows):
+    return [[x / math.sqrt(sum(v * v for v in r)) for x in r] for r in rows]
+
+
+def _dot(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+
+Q = [[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [1.0, 1.0, 1.0]]
+K = [[1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]]
+QUEUE = [[0.0, 0.0, 1.0], [0.6, 0.8, 0.0]]
+
+
+def test_info_nce_with_queue_matches_reference():
+    T = 0.2
+    q, k = _unit(Q), _unit(K)
+    expect = sum(_ce([_dot(q[i], k[i]) / T] + [_dot(q[i], n) / T for n in QUEUE], 0) for i in range(3)) / 3
+    loss, acc = info_nce(torch.tensor(Q), torch.tensor(K), torch.tensor(QUEUE), temperature=T)
+    assert loss.item() == pytest.approx(expect, rel=1e-5)
+    # argmax: row 0 pos .707 vs queue 0/.6 -> right; row 1 pos 1 vs .8 -> right; row 2 pos .577 vs .577/.808 -> wrong
+    assert acc.item() == pytest.approx(2 / 3)
+
+
+def test_info_nce_in_batch_matches_reference():
+    T = 0.5
+    q, k = _unit(Q), _unit(K)
+    expect = sum(_ce([_dot(q[i], k[j]) / T for j in range(3)], i) for i in range(3)) / 3
+    loss, _ = info_nce(torch.tensor(Q), torch.tensor(K), None, temperature=T)
+    assert loss.item() == pytest.approx(expect, rel=1e-5)
+
+
+def test_info_nce_gradient_reaches_q_only_and_survives_enqueue():
+    q = torch.randn(4, 8, requires_grad=True)
+    k = torch.randn(4, 8, requires_grad=True)
+    queue = Queue(8, 16)
+    loss, _ = info_nce(q, k, queue.keys, 0.2)
+    queue.enqueue(F.normalize(k.detach(), dim=1))  # before backward, as MoCoV2 does
+    loss.backward()
+    assert q.grad is not None and k.grad is None
+
+
+def test_nt_xent_matches_naive_reference():
+    torch.manual_seed(0)
+    z1, z2, T = torch.randn(5, 7), torch.randn(5, 7), 0.1
+    z = F.normalize(torch.cat([z1, z2]), dim=1).tolist()
+    n = 5
+    total = 0.0
+    for i in range(2 * n):
+        pos = (i + n) % (2 * n)
+        others = [j for j in range(2 * n) if j != i]
+        logits = [_dot(z[i], z[j]) / T for j in others]
+        total += _ce(logits, others.index(pos))
+    loss, acc = nt_xent(z1, z2, T, return_acc=True)
+    assert loss.item() == pytest.approx(total / (2 * n), rel=1e-5)
+    assert 0.0 <= acc.item() <= 1.0
+    assert torch.equal(nt_xent(z1, z2, T), loss)
+
+
+def test_byol_loss_known_values_and_stop_gradient():
+    p = torch.tensor([[1.0, 0.0], [1.0, 0.0], [3.0, 0.0]], requires_grad=True)
+    z = torch.tensor([[0.0, 1.0], [2.0, 0.0], [-1.0, 0.0]], requires_grad=True)
+    loss = byol_loss(p, z)  # rows: 2 - 0, 2 - 2, 2 + 2 -> mean 2
+    assert loss.item() == pytest.approx(2.0)
+    loss.backward()
+    assert p.grad is not None and z.grad is None
+
+
+def test_losses_run_in_float32_under_autocast():
+    q, k = torch.randn(4, 8), torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = info_nce(q.bfloat16(), k.bfloat16(), torch.randn(16, 8), 0.2)[0]
+        b = nt_xent(q.bfloat16(), k.bfloat16(), 0.1)
+        c = byol_loss(q.bfloat16(), k.bfloat16())
+    assert a.dtype == b.dtype == c.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- momentum encoder, queue
+def test_ema_update_math_and_buffers():
+    torch.manual_seed(0)
+    online = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    target = copy_as_target(online)
+    assert all(not p.requires_grad for p in target.parameters())
+    assert all(p.requires_grad for p in online.parameters())
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(torch.randn_like(p))
+    online(torch.randn(8, 3))  # moves the BN running stats
+    before = [p.clone() for p in target.parameters()]
+    ema_update(target, online, 0.9)
+    for t, b, o in zip(target.parameters(), before, online.parameters()):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * o)
+    for t, o in zip(target.buffers(), online.buffers()):
+        assert torch.equal(t, o)
+    ema_update(target, online, 0.0)
+    for t, o in zip(target.parameters(), online.parameters()):
+        torch.testing.assert_close(t, o)
+
+
+def test_cosine_momentum():
+    assert cosine_momentum(0.996, 0.0) == pytest.approx(0.996)
+    assert cosine_momentum(0.996, 0.5) == pytest.approx(0.998)
+    assert cosine_momentum(0.996, 1.0) == pytest.approx(1.0)
+
+
+def test_queue_enqueue_wraps_around():
+    torch.manual_seed(0)
+    q = Queue(dim=4, size=5)
+    torch.testing.assert_close(q.keys.norm(dim=1), torch.ones(5))
+    a, b = torch.full((3, 4), 1.0), torch.full((3, 4), 2.0)
+    q.enqueue(a)
+    assert q.ptr.item() == 3
+    q.enqueue(b)  # slots 3, 4, then 0
+    assert q.ptr.item() == 1
+    assert q.keys[:, 0].tolist() == [2.0, 1.0, 1.0, 2.0, 2.0]
+    q.enqueue(torch.arange(7.0)[:, None].expand(7, 4))  # more than the queue: the last 5 stay
+    assert sorted(q.keys[:, 0].tolist()) == [2.0, 3.0, 4.0, 5.0, 6.0]
+    assert set(dict(q.named_buffers())) == {"keys", "ptr"}
+
+
+def test_roi_features_spatial_scale():
+    fmap = torch.arange(16.0).view(1, 1, 4, 4)  # stride 8 -> a 32 px image
+    rois = torch.tensor([[0, 0.0, 0.0, 32.0, 32.0], [0, 8.0, 8.0, 16.0, 16.0]])
+    out = roi_features(fmap, rois, output_size=1, stride=8, sampling_ratio=2)
+    assert out.shape == (2, 1, 1, 1)
+    assert out[0].item() == pytest.approx(fmap.mean().item())
+    assert out[1].item() == pytest.approx(5.0)  # the cell at (1, 1)
+
+
+# ----------------------------------------------------------------------------- optimizer
+def test_lars_step_matches_formula_and_excludes_1d():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(3, 4))
+    b = nn.Parameter(torch.randn(4))
+    gw, gb = torch.randn(3, 4), torch.randn(4)
+    lr, wd, mom, eta = 0.5, 0.01, 0.9, 0.001
+    opt = LARS([w, b], lr=lr, weight_decay=wd, momentum=mom, trust_coefficient=eta)
+    w0, b0 = w.detach().clone(), b.detach().clone()
+    w.grad, b.grad = gw.clone(), gb.clone()
+    opt.step()
+    d = gw + wd * w0
+    mu_w = eta * w0.norm() / d.norm() * d
+    torch.testing.assert_close(w.detach(), w0 - lr * mu_w)
+    torch.testing.assert_close(b.detach(), b0 - lr * gb)  # no decay, no trust ratio
+    # second step: momentum buffers
+    w1, b1 = w.detach().clone(), b.detach().clone()
+    opt.step()
+    d = gw + wd * w1
+    mu_w = mom * mu_w + eta * w1.norm() / d.norm() * d
+    torch.testing.assert_close(w.detach(), w1 - lr * mu_w)
+    torch.testing.assert_close(b.detach(), b1 - lr * (mom * gb + gb))
+
+
+def test_lars_zero_weight_uses_plain_gradient():
+    w = nn.Parameter(torch.zeros(2, 2))
+    w.grad = torch.ones(2, 2)
+    LARS([w], lr=1.0, weight_decay=0.0, momentum=0.0).step()
+    torch.testing.assert_close(w.detach(), -torch.ones(2, 2))
+
+
+def test_build_optimizer_groups():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    frozen = copy_as_target(nn.Linear(3, 3))
+    model.add_module("frozen", frozen)
+    cfg = types.SimpleNamespace(optimizer="lars", weight_decay=1e-6, momentum=0.9)
+    opt = build_optimizer(cfg, model, lr=0.1)
+    assert isinstance(opt, LARS)
+    decay, no_decay = opt.param_groups
+    assert {p.ndim for p in decay["params"]} == {2} and len(decay["params"]) == 2
+    assert no_decay["weight_decay"] == 0.0 and no_decay["lars_exclude"] and len(no_decay["params"]) == 4
+    everything = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not everything & {id(p) for p in frozen.parameters()}
+    sgd = build_optimizer(types.SimpleNamespace(optimizer="sgd", weight_decay=1e-4, momentum=0.9), model, 0.03)
+    assert isinstance(sgd, torch.optim.SGD) and len(sgd.param_groups[0]["params"]) == 6
+    with pytest.raises(ValueError):
+        build_optimizer(types.SimpleNamespace(optimizer="adamw", weight_decay=0.0), model, 0.1)
+
+
+# ----------------------------------------------------------------------------- kNN
+def _knn_reference(features, bank, bank_labels, num_classes, k, t):
+    features, bank = F.normalize(features, dim=1), F.normalize(bank, dim=1)
+    out = []
+    for f in features:
+        sims = sorted(((float(f @ b), int(y)) for b, y in zip(bank, bank_labels)), key=lambda s: -s[0])[:k]
+        score = [0.0] * num_classes
+        for s, y in sims:
+            score[y] += math.exp(s / t)
+        out.append(max(range(num_classes), key=lambda c: (score[c], -c)))
+    return torch.tensor(out)
+
+
+def test_knn_separable_and_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.eye(4, 16) * 5
+    bank_labels = torch.arange(40) % 4
+    bank = centers[bank_labels] + 0.3 * torch.randn(40, 16, generator=g)
+    labels = torch.arange(12) % 4
+    feats = centers[labels] + 0.3 * torch.randn(12, 16, generator=g)
+    assert knn_accuracy(feats, labels, bank, bank_labels, num_classes=4, k=5) == 1.0
+    noisy = torch.randn(30, 16, generator=g)
+    for k in (1, 7, 200):
+        ref = _knn_reference(noisy, bank, bank_labels, 4, k, 0.1)
+        assert torch.equal(knn_predict(noisy, bank, bank_labels, 4, k=k, temperature=0.1), ref)
+        assert torch.equal(knn_predict(noisy, bank, bank_labels, 4, k=k, temperature=0.1, chunk_size=4), ref)
+
+
+# ----------------------------------------------------------------------------- distributed (2 gloo ranks)
+def _dist_worker(rank, world, init_file, q):
+    try:
+        _dist_checks(rank, world, init_file, q)
+    except BaseException as e:  # report instead of leaving the parent waiting
+        q.put((rank, {"error": repr(e)}))
+        raise
+
+
+def _dist_checks(rank, world, init_file, q):
+    torch.manual_seed(0)  # every rank makes the same global data, then takes its slice
+    n, d = 3, 5
+    z1_all, z2_all = torch.randn(world * n, d), torch.randn(world * n, d)
+    w = torch.randn(d, d)
+    # references: one process holding the global batch (computed before the group exists)
+    wg = w.clone().requires_grad_(True)
+    ref_nt = nt_xent(z1_all @ wg, z2_all @ wg, 0.2)
+    ref_nt.backward()
+    ref_info = info_nce(z1_all, z2_all, None, 0.2)[0]
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        sl = slice(rank * n, (rank + 1) * n)
+        # nt_xent across ranks == the global batch in one process (loss, and gradient after DDP's averaging)
+        wl = w.clone().requires_grad_(True)
+        loss = nt_xent(z1_all[sl] @ wl, z2_all[sl] @ wl, 0.2)
+        loss.backward()
+        dist.all_reduce(wl.grad)
+        loss_sum = loss.detach().clone()
+        dist.all_reduce(loss_sum)
+        ok = {"nt_xent_loss": torch.allclose(loss_sum / world, ref_nt.detach(), atol=1e-6),
+              "nt_xent_grad": torch.allclose(wl.grad / world, wg.grad, atol=1e-6)}
+        # info_nce without queue: negatives are the keys of the whole global batch
+        loss, _ = info_nce(z1_all[sl], z2_all[sl], None, 0.2)
+        loss_sum = loss.detach().clone()
+        dist.all_reduce(loss_sum)
+        ok["info_nce"] = torch.allclose(loss_sum / world, ref_info, atol=1e-6)
+        # gathers, the queue, and shuffling BN's round trip
+        ok["gather"] = torch.equal(concat_all_gather(z1_all[sl]), z1_all)
+        queue = Queue(d, 8)
+        queue.enqueue(z1_all[sl])
+        ok["queue"] = torch.equal(queue.keys[:world * n], z1_all) and queue.ptr.item() == world * n
+        x = torch.arange(float(world * n * 2)).view(world * n, 2)[sl]
+        shuffled, undo = batch_shuffle(x)
+        ok["shuffle"] = shuffled.shape == x.shape and torch.equal(batch_unshuffle(shuffled, undo), x)
+        q.put((rank, ok))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_gathers_two_ranks(tmp_path):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_dist_worker, args=(r, 2, str(tmp_path / "init"), q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {}
+    for _ in procs:
+        rank, ok = q.get(timeout=120)
+        results[rank] = ok
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for rank, ok in results.items():
+        assert all(ok.values()), (rank, ok)

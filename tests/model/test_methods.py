@@ -1,0 +1,172 @@
+"""Every registered method on tiny random Views (resnet18, small stem, 16 px):
+the contract, gradients, overfitting one batch, the momentum update."""
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from model.common import copy_as_target
+from model.methods import METHODS
+from model.optim import build_optimizer
+from pipelines.views import CropSpec, ViewSpec, Views
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# Small enough for 2 CPU cores; every other key comes from the method's yaml.
+TINY = dict(arch="resnet18", small_stem=True, image_size=16, batch_size=8, queue_size=64,
+            proj_hidden=64, pred_hidden=64)
+LOOP_KEYS = {"arch", "small_stem", "image_size", "epochs", "batch_size", "optimizer", "lr", "weight_decay",
+             "warmup_epochs", "momentum"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a 2-core machine shared with other jobs, OpenMP
+    threads spinning for a busy core made these tiny convolutions 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_cfg(name, **over):
+    cfg = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    cfg.update({k: v for k, v in TINY.items() if k in cfg or k in LOOP_KEYS})
+    cfg.update(over)
+    return argparse.Namespace(**cfg)
+
+
+def make_views(spec: ViewSpec, batch: int, seed: int = 0) -> Views:
+    """Random tensors with the shapes of views.py, channels_last like a pipeline's."""
+    g = torch.Generator().manual_seed(seed)
+    crops, boxes = {}, {}
+    for c in spec.crops:
+        crops[c.name] = torch.randn(c.count, batch, c.size, c.size, 3, generator=g).permute(0, 1, 4, 2, 3)
+        boxes[c.name] = torch.rand(c.count, batch, 5, generator=g)
+    return Views(crops=crops, boxes=boxes, index=torch.arange(batch), labels=torch.zeros(batch, dtype=torch.long))
+
+
+def build(name, **over):
+    torch.manual_seed(0)
+    cfg = make_cfg(name, **over)
+    method = METHODS[name]
+    model = method(cfg).to(memory_format=torch.channels_last)
+    return cfg, model, make_views(method.spec(cfg), cfg.batch_size)
+
+
+def frozen_params(model):
+    return [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_yaml_has_the_loop_keys(name):
+    cfg = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    assert LOOP_KEYS <= set(cfg), LOOP_KEYS - set(cfg)
+    assert cfg["optimizer"] in ("sgd", "lars")
+    assert all(isinstance(cfg[k], float) for k in ("lr", "weight_decay"))  # 1e-4 without a dot is a string in YAML
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_contract(name):
+    cls = METHODS[name]
+    assert cls.name == name
+    cfg = make_cfg(name)
+    spec = cls.spec(cfg)
+    assert isinstance(spec, ViewSpec)
+    assert spec.family("global").count == 2 and spec.family("global").size == cfg.image_size
+    full = cls.spec(make_cfg(name, image_size=224))
+    assert full.family("global").size == 224
+    _, model, _ = build(name)
+    assert model.backbone.out_dim == 512 and model.backbone.stride == 8
+    assert callable(model.step_end)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_forward_backward(name):
+    cfg, model, views = build(name)
+    assert views.crops["global"][0].is_contiguous(memory_format=torch.channels_last)
+    loss, metrics = model(views)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    for k, v in metrics.items():
+        assert isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad, k
+    loss.backward()
+    grads = [p.grad for p in model.backbone.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    for n, p in frozen_params(model):
+        assert p.grad is None, n
+    opt = build_optimizer(cfg, model, lr=0.1)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not in_opt & {id(p) for _, p in frozen_params(model)}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_overfits_one_batch(name):
+    # mocov2: in-batch negatives, since a queue filled by the same batch holds copies of the positives
+    cfg, model, views = build(name, batch_size=4, **({"queue_size": 0} if name == "mocov2" else {}))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    losses = []
+    for step in range(30):
+        loss, _ = model(views)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        model.step_end((step + 1) / 30)
+        losses.append(loss.item())
+    assert all(map(lambda v: v == v, losses))
+    assert sum(losses[-5:]) / 5 < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_step_end_moves_target_toward_online(name):
+    _, model, views = build(name)
+    targets = frozen_params(model)
+    if not targets:
+        model.step_end(0.5)  # methods without a momentum encoder accept the call
+        return
+    online = dict(model.named_parameters())
+    # each frozen parameter mirrors the online parameter of the same name without its prefix
+    pairs = []
+    for n, p in targets:
+        head, rest = n.split(".", 1)
+        match = head.split("_", 1)[1] + "." + rest  # key_backbone.x -> backbone.x
+        pairs.append((p, online[match]))
+    for p, o in pairs:
+        assert torch.equal(p, o)  # a copy at the start
+    with torch.no_grad():
+        for _, o in pairs:
+            o.add_(1.0)
+    before = [(o - p).norm() for p, o in pairs]
+    model.step_end(0.0)
+    after = [(o - p).norm() for p, o in pairs]
+    assert all(a < b for a, b in zip(after, before))
+
+
+def test_mocov2_queue_and_symmetry():
+    cfg, model, views = build("mocov2")
+    ptr = model.queue.ptr.item()
+    model(views)
+    assert model.queue.ptr.item() == (ptr + 2 * cfg.batch_size) % cfg.queue_size  # both views' keys
+    _, single, views = build("mocov2", symmetric=False)
+    single(views)
+    assert single.queue.ptr.item() == cfg.batch_size
+    single.eval()
+    single(views)
+    assert single.queue.ptr.item() == cfg.batch_size  # evaluation leaves the queue alone
+
+
+def test_byol_momentum_schedule():
+    _, model, _ = build("byol")
+    model.step_end(0.0)
+    assert model.tau.item() == pytest.approx(0.996)
+    model.step_end(1.0)
+    assert model.tau.item() == pytest.approx(1.0)
+
+
+def test_copy_as_target_is_independent():
+    lin = torch.nn.Linear(2, 2)
+    t = copy_as_target(lin)
+    with torch.no_grad():
+        lin.weight.add_(1)
+    assert not torch.equal(t.weight, lin.weight)
