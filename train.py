@@ -407,7 +407,7 @@ def run(argv: list[str]) -> int:
         t_last, seen = time.perf_counter(), 0
         for views in loader:
             for group in optimizer.param_groups:
-                group["lr"] = lr_schedule[global_step] * group.get("lr_scale", 1.0)
+                group["lr"] = float(lr_schedule[global_step]) * group.get("lr_scale", 1.0)
             with autocast:
                 loss, metrics = model(views)
             optimizer.zero_grad(set_to_none=True)

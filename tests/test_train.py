@@ -1,0 +1,148 @@
+"""train.py end to end on CPU: training, exact resume after a kill, DDP over
+gloo, evaluation, export, and clear errors for bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--image-size", "16", "--batch-size", "8", "--arch", "resnet18", "--small-stem", "--workers", "0",
+        "--log-every", "1"]
+
+
+def train(*args, env=None, timeout=600, check=True):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def losses(run_dir: Path) -> dict:
+    """step -> loss, the last record of each step winning (a resumed run re-logs)."""
+    out = {}
+    for line in (run_dir / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+@pytest.mark.parametrize("method", ["mocov2", "byol", "simclr"])
+def test_one_epoch_prints_knn(labelled_folder, tmp_path, method):
+    extra = ["--queue-size", "32"] if method == "mocov2" else []
+    proc = train("--method", method, "--pipeline", "torchvision", "--data", str(labelled_folder),
+                 "--run-dir", str(tmp_path / "run"), "--epochs", "1", "--knn-k", "10", *TINY, *extra)
+    assert "kNN top-1" in proc.stdout
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 6  # 48 images // batch 8
+    assert ckpt["config"]["method"] == method
+
+
+def test_resume_after_kill_matches_uninterrupted_run(labelled_folder, tmp_path):
+    common = ["--method", "mocov2", "--pipeline", "torchvision", "--data", str(labelled_folder), "--epochs", "2",
+              "--queue-size", "32", "--knn-every", "0", "--ckpt-every", "2", *TINY]
+    train(*common, "--run-dir", str(tmp_path / "whole"))
+    reference = losses(tmp_path / "whole")
+    assert sorted(reference) == list(range(1, 13))
+
+    # Kill -9 a second run once it has logged step 7 (mid second epoch).
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, "--run-dir", str(killed)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        log = killed / "log.jsonl"
+        if log.exists() and max(losses(killed), default=0) >= 7:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = losses(killed)
+    assert 7 <= max(before) < 12, "the kill should land mid-run"
+
+    resumed = train(*common, "--run-dir", str(killed))
+    assert "resumed from" in resumed.stdout
+    after = losses(killed)
+    assert sorted(after) == list(range(1, 13))
+    for step in range(1, 13):
+        assert abs(after[step] - reference[step]) <= 1e-5, (step, after[step], reference[step])
+
+
+def test_two_gloo_processes_keep_identical_parameters(labelled_folder, tmp_path):
+    run_dir = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "train.py"), "--method", "mocov2", "--pipeline", "torchvision", "--data", str(labelled_folder),
+         "--run-dir", str(run_dir), "--epochs", "1", "--queue-size", "32", "--knn-every", "0", "--ckpt-every", "1",
+         *TINY], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = [json.loads(l) for l in (run_dir / "log.jsonl").read_text().splitlines()]
+    digests = [r["replica_digests"] for r in records if "replica_digests" in r]
+    assert len(digests) >= 3  # 48 images, 2 ranks x 4 per rank: 6 steps, checked at each
+    for d in digests:
+        assert len(d) == 2 and d[0] == d[1]
+    assert digests[0] != digests[-1], "the parameters should change while training"
+
+
+def test_linear_eval_and_export(labelled_folder, tmp_path):
+    run = ["--method", "simclr", "--pipeline", "torchvision", "--data", str(labelled_folder),
+           "--run-dir", str(tmp_path / "run"), "--epochs", "1", "--knn-every", "0", *TINY]
+    train(*run)
+    proc = train(*run, "--eval", "linear", "--linear-epochs", "20")
+    assert "linear probe top-1" in proc.stdout
+    assert 0.0 <= json.loads((tmp_path / "run" / "eval.json").read_text())["linear_top1"] <= 1.0
+    train(*run, "--export", str(tmp_path / "backbone.pth"))
+    import torchvision
+    net = torchvision.models.resnet18()
+    net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = torch.nn.Identity()
+    missing, unexpected = net.load_state_dict(torch.load(tmp_path / "backbone.pth", weights_only=True), strict=False)
+    assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "nope"], "invalid choice: 'nope'"),
+    (["--pipeline", "nope"], "invalid choice: 'nope'"),
+    (["--data", "/nonexistent/place"], "/nonexistent/place"),
+])
+def test_bad_input_gets_one_clear_line_and_exit_2(tmp_path, args, message):
+    proc = train(*args, "--run-dir", str(tmp_path / "r"), check=False, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_empty_source_and_unwritable_run_dir(tmp_path, labelled_folder):
+    (tmp_path / "empty").mkdir()
+    proc = train("--data", str(tmp_path / "empty"), "--run-dir", str(tmp_path / "r"), check=False, timeout=120)
+    assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = train("--data", str(labelled_folder), "--run-dir", str(blocker / "run"), "--pipeline", "torchvision",
+                 check=False, timeout=120)
+    assert proc.returncode == 2 and "not writable" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_capability_is_named(labelled_folder, tmp_path, monkeypatch, capsys):
+    """A pipeline that cannot make a method's views says which family is missing."""
+    import pipelines
+    import train as train_module
+    from pipelines.torchvision import TorchvisionLoader
+
+    class CropsOnly(TorchvisionLoader):
+        name = "crops-only"
+        capabilities = frozenset({"crops"})
+
+    monkeypatch.setitem(pipelines.PIPELINES, "crops-only", ("tests", "CropsOnly", "torch"))
+    monkeypatch.setattr(pipelines, "loader_class", lambda name: CropsOnly)
+    rc = train_module.main(["--method", "byol", "--pipeline", "crops-only", "--data", str(labelled_folder),
+                            "--run-dir", str(tmp_path / "r"), *TINY])
+    assert rc == 2
+    assert "cannot make asymmetric views" in capsys.readouterr().err
