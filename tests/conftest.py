@@ -40,3 +40,7 @@ def labelled_folder(tmp_path_factory) -> Path:
 def _private_cache(tmp_path_factory, monkeypatch):
     """Never touch the user's cache: indexes and materialised samples go to a temp dir."""
     monkeypatch.setenv("VIEWFORGE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
