@@ -86,3 +86,57 @@ def export_torchvision(backbone: nn.Module) -> dict:
             k = k.split(".", 1)[1]
         out[k] = v.detach().cpu().contiguous()
     return out
+
+
+# ----------------------------------------------------------------------------- CO-SSL's RF-ResNet
+class RFResNetBackbone(ResNetBackbone):
+    """Receptive-field-limited ResNet (RF-ResNet; Aubret, Teulière, Triesch
+    2025, "Seeing the Whole in the Parts in Self-Supervised Representation
+    Learning", arXiv:2501.02860): every feature-map position sees at most
+    `max_rf` x `max_rf` input pixels, so the local vectors CO-SSL aligns
+    with the global embedding are truly local; an MLP after the average
+    pooling (which the paper ablates) still lets the global representation
+    combine them.
+
+    Built from the torchvision ResNet: walking the 3x3 convolutions in order,
+    each that would lift the receptive field above `max_rf` becomes a 1x1
+    convolution with the same channels and stride (so every shape and the
+    output stride stay those of the ResNet). Paper: RF 99 for ResNet-50 and
+    29 for ResNet-18 (the defaults). Our construction keeps whole 3x3 layers
+    only, so the field it reaches is the largest such one <= max_rf (the
+    achieved value is `receptive_field`: rf_resnet18 small stem 29, ImageNet
+    stem 27; rf_resnet50 91 with either stem). The paper's exact layer
+    layout and MLP depth were not available to us (neither its full text nor
+    code); `pool_mlp` is one Linear-BN-ReLU of width C, our choice.
+    """
+
+    def __init__(self, arch: str, max_rf: int, small_stem: bool = False, pool_mlp: bool = True,
+                 zero_init_residual: bool = False):
+        super().__init__(arch, small_stem=small_stem, zero_init_residual=zero_init_residual)
+        rf, jump = (3, 1) if small_stem else (11, 4)  # 3x3/1 conv; or 7x7/2 conv + 3x3/2 max-pool
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer:
+                basic = isinstance(block, torchvision.models.resnet.BasicBlock)
+                for name in ("conv1", "conv2") if basic else ("conv2",):  # the 3x3 convolutions, in order
+                    conv = getattr(block, name)
+                    if rf + (conv.kernel_size[0] - 1) * jump <= max_rf:
+                        rf += (conv.kernel_size[0] - 1) * jump
+                    else:
+                        point = nn.Conv2d(conv.in_channels, conv.out_channels, 1, stride=conv.stride, bias=False)
+                        nn.init.kaiming_normal_(point.weight, mode="fan_out", nonlinearity="relu")
+                        setattr(block, name, point)
+                    jump *= conv.stride[0]
+        self.receptive_field, self.max_rf = rf, max_rf
+        c = self.out_dim
+        self.pool_mlp = (nn.Sequential(nn.Linear(c, c, bias=False), nn.BatchNorm1d(c), nn.ReLU(inplace=True))
+                         if pool_mlp else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmap, pooled = super().forward(x)   # B x C x h x w (local vectors), B x C
+        return fmap, self.pool_mlp(pooled)  # B x C after the MLP
+
+
+BACKBONES.update({
+    "rf_resnet18": functools.partial(RFResNetBackbone, "resnet18", 29),
+    "rf_resnet50": functools.partial(RFResNetBackbone, "resnet50", 99),
+})

@@ -223,3 +223,31 @@ def roi_features(fmap: torch.Tensor, rois: torch.Tensor, output_size, stride: in
     from torchvision.ops import roi_align  # torchvision's import is slow; only RoI methods need it
     return roi_align(fmap, rois.to(fmap.dtype), output_size, spatial_scale=1.0 / stride,
                                      sampling_ratio=sampling_ratio, aligned=aligned)
+
+
+def info_nce_indexed(q: torch.Tensor, k: torch.Tensor, target: torch.Tensor, queue: torch.Tensor | None = None,
+                     temperature: float = 0.2, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """InfoNCE where the positive of q[i] is k[target[i]] (MosRep's mosaic
+    loss, official moco/builder.py MosRep.forward); q: [N, D] queries, k:
+    [B, D] this rank's keys, target: [N] indices into k.
+
+    Logits are q against every key of the global batch (gathered from all
+    ranks, rank order) and then the queue: N x (world*B + K); the other
+    keys of the batch are negatives too. weight [N] scales each row's
+    cross-entropy before the mean (the official mosaic loss multiplies by
+    sqrt(visible fraction)). q and k are L2-normalised here; k gets no
+    gradient. Returns (loss, top-1 accuracy of the positive).
+    """
+    with torch.autocast(q.device.type, enabled=False):
+        q = F.normalize(q.float(), dim=1)
+        k = F.normalize(k.detach().float(), dim=1)
+        rank, _ = world_info()
+        logits = q @ concat_all_gather(k).T                            # N x world*B
+        if queue is not None:
+            logits = torch.cat([logits, q @ queue.detach().float().clone().T], dim=1)  # N x (world*B + K)
+        logits = logits / temperature
+        labels = target.long() + rank * k.shape[0]
+        loss = F.cross_entropy(logits, labels, reduction="none")
+        loss = (loss * weight.float() if weight is not None else loss).mean()
+        acc = (logits.detach().argmax(dim=1) == labels).float().mean()
+    return loss, acc

@@ -49,3 +49,13 @@ class ConvProjector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.conv(x).mean(dim=(2, 3)))
+
+
+class ConvMLP(nn.Sequential):
+    """MLP(in_dim, hidden, out_dim) applied at every position of a feature map
+    [B, in_dim, h, w] -> [B, out_dim, h, w]: 1x1 conv, BN, ReLU, 1x1 conv
+    (CO-SSL's local projector and predictor)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int):
+        super().__init__(nn.Conv2d(in_dim, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+                         nn.Conv2d(hidden, out_dim, 1))

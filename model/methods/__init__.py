@@ -5,7 +5,15 @@ A method is an nn.Module with `name`, `spec(cfg) -> ViewSpec` (static),
 and a `backbone` attribute (the online backbone).
 """
 from .byol import BYOL
+from .clim import CLIM
+from .cossl import COSSL
+from .leoclr import LeOCLR
 from .mocov2 import MoCoV2
+from .mosrep import MosRep
+from .multicrop import MultiCrop
+from .scrl import SCRL
 from .simclr import SimCLR
 
 METHODS = {"mocov2": MoCoV2, "byol": BYOL, "simclr": SimCLR}
+METHODS.update(multicrop=MultiCrop, mosrep=MosRep, leoclr=LeOCLR)
+METHODS.update(scrl=SCRL, clim=CLIM, cossl=COSSL)

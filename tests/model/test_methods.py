@@ -44,7 +44,25 @@ def make_views(spec: ViewSpec, batch: int, seed: int = 0) -> Views:
     for c in spec.crops:
         crops[c.name] = torch.randn(c.count, batch, c.size, c.size, 3, generator=g).permute(0, 1, 4, 2, 3)
         boxes[c.name] = torch.rand(c.count, batch, 5, generator=g)
-    return Views(crops=crops, boxes=boxes, index=torch.arange(batch), labels=torch.zeros(batch, dtype=torch.long))
+    views = Views(crops=crops, boxes=boxes, index=torch.arange(batch), labels=torch.zeros(batch, dtype=torch.long))
+    if spec.original is not None:
+        s = spec.original.size
+        views.original = torch.randn(batch, s, s, 3, generator=g).permute(0, 3, 1, 2)
+    if spec.mosaic is not None:  # unshifted tiles; tile t of canvas c holds image (c + t) % B (distinct if B >= M)
+        m, side, grid = spec.mosaic.crops_per_image, spec.mosaic.crop_size, spec.mosaic.grid
+        views.mosaic = torch.randn(batch, side * grid, side * grid, 3, generator=g).permute(0, 3, 1, 2)
+        canvas, tile = torch.arange(batch).repeat_interleave(m), torch.arange(m).repeat(batch)  # r = c*M + t
+        x0, y0 = tile % grid * side, tile // grid * side
+        views.mosaic_rois = torch.stack([canvas, x0, y0, x0 + side, y0 + side], 1).float()
+        views.mosaic_src = (canvas + tile) % batch
+        views.mosaic_weight = 0.5 + 0.5 * torch.rand(batch * m, generator=g)
+    if spec.pairs is not None:  # SCRL: 2 boxes per image, an independent random box in each view
+        size, k = spec.family(spec.pairs.family).size, 2
+        lo = torch.rand(2, batch * k, 2, generator=g) * size / 2                        # x0, y0 in [0, size/2)
+        hi = lo + spec.pairs.min_size + torch.rand(2, batch * k, 2, generator=g) * (size / 2 - spec.pairs.min_size)
+        index = torch.arange(batch).repeat_interleave(k).float().expand(2, -1)[..., None]
+        views.pair_boxes = torch.cat([index, lo, hi], dim=2)                             # 2 x P x 5
+    return views
 
 
 def build(name, **over):
@@ -103,8 +121,9 @@ def test_forward_backward(name):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_overfits_one_batch(name):
-    # mocov2: in-batch negatives, since a queue filled by the same batch holds copies of the positives
-    cfg, model, views = build(name, batch_size=4, **({"queue_size": 0} if name == "mocov2" else {}))
+    # queue methods: in-batch negatives, since a queue filled by the same batch holds copies of the positives
+    in_batch = name in ("mocov2", "multicrop", "mosrep", "leoclr", "clim")
+    cfg, model, views = build(name, batch_size=4, **({"queue_size": 0} if in_batch else {}))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     losses = []
     for step in range(30):

@@ -1,0 +1,217 @@
+"""SCRL, CLIM, CO-SSL and the RF-ResNet: each method's own invariant (the
+generic contract, gradient, overfitting and EMA tests run on them from
+test_methods.py, which parametrises over METHODS)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from model.backbones import BACKBONES, build_backbone
+from model.common import info_nce
+from model.methods import METHODS
+from model.methods.clim import cutmix, kmeans, mixed_info_nce, select_neighbours
+from model.methods.cossl import local_loss_terms
+
+from .test_methods import build, make_cfg
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread (2 shared cores; see test_methods.py)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- specs
+@pytest.mark.parametrize("size", [32, 224])
+def test_specs_scale_with_image_size(size):
+    scrl = METHODS["scrl"].spec(make_cfg("scrl", image_size=size))
+    assert scrl.family("global").count == 2 and scrl.family("global").size == size
+    assert scrl.family("global").augs[0] != scrl.family("global").augs[1]       # BYOL's asymmetric pair
+    assert scrl.pairs is not None and scrl.pairs.family == "global" and scrl.pairs.boxes_per_image == 10
+    assert scrl.pairs.min_size == round(32 * size / 224) and scrl.pairs.max_iou == 0.5
+    assert "pairs" in scrl.capabilities()
+    clim = METHODS["clim"].spec(make_cfg("clim", image_size=size))
+    sizes = [c.size for c in clim.crops]
+    assert clim.family("global").size == size
+    assert sizes[1:] == [max(8, round(s * size / 224)) for s in (192, 160, 128, 96)]
+    cossl = METHODS["cossl"].spec(make_cfg("cossl", image_size=size))
+    assert [(c.name, c.count, c.size) for c in cossl.crops] == [("global", 2, size)] and cossl.pairs is None
+
+
+# ----------------------------------------------------------------------------- SCRL
+def test_scrl_matched_boxes_coincide_for_identical_views():
+    _, model, views = build("scrl")
+    x = views.crops["global"][0]
+    boxes = views.pair_boxes[0]
+    same = torch.stack([boxes, boxes])                       # the same box in both views
+    rois = model.rois(same, x.shape[0])
+    assert torch.equal(rois[boxes.shape[0]:, 0], boxes[:, 0] + x.shape[0])
+    xx = torch.cat([x, x])                                   # view 1 is the same tensor as view 0
+    with torch.no_grad():
+        online = model.box_embeddings(xx, rois)
+        target = model.box_embeddings(xx, rois, target=True)
+    p = boxes.shape[0]
+    torch.testing.assert_close(online[:p], target[p:])      # box b: online view 0 == target view 1
+    torch.testing.assert_close(online[p:], target[:p])
+    assert not torch.allclose(online[0], online[1])          # different boxes differ
+
+
+@pytest.mark.parametrize("pairs", [0, 1])
+def test_scrl_too_few_boxes_gives_zero_loss_reaching_every_parameter(pairs):
+    _, model, views = build("scrl")
+    views.pair_boxes = views.pair_boxes[:, :pairs]
+    loss, metrics = model(views)
+    assert loss.item() == 0 and metrics["boxes"].item() == pairs
+    loss.backward()
+    for n, p in model.named_parameters():
+        assert not p.requires_grad or p.grad is not None, n
+
+
+# ----------------------------------------------------------------------------- CLIM
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), b=st.integers(2, 24), k=st.integers(1, 6), knn=st.integers(1, 8),
+       same=st.booleans())
+def test_clim_selected_neighbour_is_never_farther_from_the_centre(seed, b, k, knn, same):
+    g = torch.Generator().manual_seed(seed)
+    feats = F.normalize(torch.randn(b, 8, generator=g), dim=1)
+    centres = F.normalize(torch.randn(k, 8, generator=g), dim=1)
+    nbr = select_neighbours(feats, centres, knn, same_cluster=same, generator=g)
+    assign = (feats @ centres.T).argmax(1)
+    sim = (feats @ feats.T).fill_diagonal_(float("-inf"))
+    near = sim.topk(min(knn, b - 1), dim=1).indices
+    for i, j in enumerate(nbr.tolist()):
+        if j < 0:
+            continue
+        c = centres[assign[i]]
+        assert j != i and j in near[i].tolist()
+        assert (feats[j] - c).norm() <= (feats[i] - c).norm()
+        assert not same or assign[j] == assign[i]
+
+
+def test_clim_selection_finds_the_points_nearer_the_centre():
+    centre = F.normalize(torch.tensor([[1.0, 0.0, 0.0]]), dim=1)
+    # one cluster along x: points ever farther from its centre
+    feats = F.normalize(torch.tensor([[1.0, 0.1, 0.0], [1.0, 0.2, 0.0], [1.0, 0.3, 0.0], [1.0, 0.4, 0.0]]), dim=1)
+    nbr = select_neighbours(feats, centre, knn=3)
+    assert nbr[0] == -1                                      # nothing is closer to the centre than point 0
+    assert all(0 <= nbr[i] < i for i in range(1, 4))
+
+
+def test_clim_kmeans_recovers_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    axes = torch.eye(4)[:3]
+    x = F.normalize(axes.repeat_interleave(20, 0) + 0.05 * torch.randn(60, 4, generator=g), dim=1)
+    centres = kmeans(x, 3, 10, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(centres.norm(dim=1), torch.ones(3))
+    assert sorted((centres @ axes.T).argmax(1).tolist()) == [0, 1, 2]
+
+
+def test_clim_cutmix_lambda_is_the_anchor_fraction():
+    torch.manual_seed(0)
+    x = torch.arange(4.0)[:, None, None, None].expand(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    nbr = torch.tensor([1, -1, 3, 0])
+    mixed, lam = cutmix(x, nbr, alpha=1.0)
+    assert mixed.is_contiguous(memory_format=torch.channels_last)
+    for i, j in enumerate(nbr.tolist()):
+        own = (mixed[i] == i).float().mean()
+        torch.testing.assert_close(lam[i], own)
+        if j < 0:
+            assert lam[i] == 1
+        else:
+            assert ((mixed[i] == i) | (mixed[i] == j)).all()
+
+
+@pytest.mark.parametrize("with_queue", [True, False])
+def test_clim_mixed_loss_without_mixing_is_info_nce(with_queue):
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    queue = F.normalize(torch.randn(32, 8, generator=g), dim=1) if with_queue else None
+    plain, _ = info_nce(q, k, queue, 0.2)
+    mixed = mixed_info_nce(q, k, torch.arange(6), torch.ones(6), queue, 0.2)
+    torch.testing.assert_close(mixed, plain)
+    # lam = 0.5 towards a neighbour: between the two one-hot losses
+    nbr = torch.tensor([1, 0, 3, 2, 5, 4])
+    half = mixed_info_nce(q, k, nbr, torch.full((6,), 0.5), queue, 0.2)
+    assert torch.isfinite(half)
+
+
+def test_clim_memory_grows_clusters_and_reloads():
+    _, model, views = build("clim")
+    views.index = torch.tensor([3, 1500, 7, 9, 11, 13, 15, 17])
+    model(views)
+    assert model.memory.shape[0] == 2048 and int(model.filled.sum()) == 8
+    assert model.centres.shape[0] == 1                       # 8 rows -> min(num_clusters, 8 // 10) -> 1
+    torch.testing.assert_close(model.memory[1500].float().norm(), torch.tensor(1.0), atol=1e-3, rtol=0)
+    _, fresh, _ = build("clim")
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh.memory, model.memory) and torch.equal(fresh.filled, model.filled)
+    model.eval()
+    model(views)
+    assert int(model.filled.sum()) == 8                      # evaluation writes nothing
+
+
+# ----------------------------------------------------------------------------- CO-SSL
+def test_cossl_local_loss_has_one_term_per_position():
+    g = torch.Generator().manual_seed(0)
+    pred, z = torch.randn(3, 5, 4, 2, generator=g), torch.randn(3, 5, generator=g)
+    terms = local_loss_terms(pred, z)
+    assert terms.shape == (3, 4, 2)                          # B * h * w terms
+    ref = [2 - 2 * F.cosine_similarity(pred[b, :, i, j], z[b], dim=0)
+           for b in range(3) for i in range(4) for j in range(2)]
+    torch.testing.assert_close(terms.mean(), torch.stack(ref).mean())
+
+
+def test_cossl_total_is_global_plus_weighted_local():
+    _, model, views = build("cossl", local_weight=0.5)
+    loss, m = model(views)
+    torch.testing.assert_close(loss, m["global_loss"] + 0.5 * m["local_loss"])
+    fmap, _ = model.backbone(views.crops["global"][0])
+    assert fmap.shape[-2:] == (2, 2)                         # 16 px / stride 8: 4 local terms per image
+    loss.backward()
+    assert model.local_projector[0].weight.grad.abs().sum() > 0
+
+
+def test_cossl_runs_on_the_rf_resnet():
+    _, model, views = build("cossl", arch="rf_resnet18")
+    loss, _ = model(views)
+    loss.backward()
+    assert torch.isfinite(loss) and model.backbone.receptive_field == 29
+
+
+# ----------------------------------------------------------------------------- RF-ResNet
+@pytest.mark.parametrize("arch,small_stem,size,rf", [("rf_resnet18", True, 32, 29), ("rf_resnet18", False, 64, 27),
+                                                     ("rf_resnet50", True, 32, 91)])
+def test_rf_resnet_shapes_and_stride(arch, small_stem, size, rf):
+    assert arch in BACKBONES
+    torch.manual_seed(0)
+    net = build_backbone(arch, small_stem=small_stem)
+    ref = build_backbone(arch[3:], small_stem=small_stem)
+    assert (net.out_dim, net.stride) == (ref.out_dim, ref.stride)
+    assert net.receptive_field == rf <= net.max_rf
+    x = torch.randn(2, 3, size, size).contiguous(memory_format=torch.channels_last)
+    fmap, pooled = net(x)
+    assert fmap.shape == ref(x)[0].shape and pooled.shape == (2, net.out_dim)
+
+
+def _gradient_window(net, size=64):
+    """Side of the input square whose pixels move output position (h/2, w/2)."""
+    net.eval()
+    x = torch.randn(1, 3, size, size, requires_grad=True)
+    fmap, _ = net(x)
+    fmap[0, :, fmap.shape[2] // 2, fmap.shape[3] // 2].sum().backward()
+    hit = x.grad[0].abs().sum(0) > 0
+    rows, cols = hit.any(1).nonzero(), hit.any(0).nonzero()
+    return int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+
+
+def test_rf_resnet_receptive_field_is_smaller():
+    torch.manual_seed(0)
+    rf = build_backbone("rf_resnet18", small_stem=True)
+    full = build_backbone("resnet18", small_stem=True)
+    h, w = _gradient_window(rf)
+    assert (h, w) == (rf.receptive_field, rf.receptive_field) == (29, 29)  # the whole theoretical field, no more
+    assert min(_gradient_window(full)) > max(h, w)
