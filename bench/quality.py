@@ -1,0 +1,412 @@
+"""Measured learning: pre-train each method for a fixed budget, then kNN top-1.
+
+    python bench/quality.py --budget short                       # every method, 2-core CPU, under an hour
+    python bench/quality.py --budget full                        # a GPU: 100 epochs each
+    python bench/quality.py --methods mocov2,byol --steps 20     # a shorter budget of your own
+
+Each method is pre-trained by running train.py in a subprocess, so the
+numbers come from exactly the command a user types (it is printed and
+stored), on Fashion-MNIST (--data fashion-mnist: Debian's
+dataset-fashion-mnist, 60,000 train / 10,000 test; configs/small.yaml
+applies: ResNet-18 with the small stem, 32 px views, batch 256):
+
+  short   --max-steps 30 --epochs 1 --warmup-epochs 0, bf16: 30 optimizer
+          steps of 256 images (7,680 images, 0.13 epoch; no warm-up, so the
+          cosine schedule spans the 30 steps), sized so that nine methods
+          fit in an hour on 2 quiet CPU cores (3-4 minutes of training and
+          about a minute of kNN each). kNN bank: a fixed random 5,000 of the
+          train images; queries: a fixed random 5,000 of the test images.
+          This budget checks that every method runs end to end and where it
+          stands against the anchors; it is far too short for the methods
+          to separate (MoCo v2 after 40 such steps: 66.1% against 67.1% for
+          its random init), so compare methods on the full budget.
+  full    --epochs 100 (the method's warm-up), bank: all 60,000 train
+          images, queries: all 10,000 test images.
+
+Then the pooled features of the trained backbone (unaugmented 32 px images,
+as train.py's monitor) are classified by the weighted kNN of model/knn.py
+(cosine similarity, k=200, votes exp(sim/T), T=0.1) against two anchors
+measured with the same kNN, bank and queries:
+
+  random init   the same method's backbone, freshly initialised (seed 0), untrained
+  raw pixels    the normalised 32 px image itself as the feature vector
+
+Results: a markdown table and JSON under bench/results/<device>/
+(quality-<budget>.md/.json) with device, versions, date and the commands.
+A method that is not registered is skipped; one whose training fails
+is reported with the tail of its output, and the rest go on.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pickle
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.throughput import cpu_count, environment, short_error, split  # noqa: E402
+
+# What each budget passes to train.py, and how much of each split the kNN reads.
+BUDGETS = {
+    "short": {"train": {"max_steps": 30, "epochs": 1, "batch_size": 256, "warmup_epochs": 0},
+              "bank": 5000, "queries": 5000},
+    "full": {"train": {"epochs": 100, "batch_size": 256}, "bank": 0, "queries": 0},  # 0: the whole split
+}
+KNN_K, KNN_T = 200, 0.1
+SUBSET_SEED = 0
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="viewforge learning quality: fixed-budget pre-training, kNN top-1",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="all", help="comma list, or 'all' registered")
+    p.add_argument("--budget", default="short", choices=sorted(BUDGETS))
+    p.add_argument("--data", default="fashion-mnist", help="a labelled source with a test split (train.py --data)")
+    p.add_argument("--pipeline", default=None, help="train.py --pipeline (default: train.py's own)")
+    p.add_argument("--steps", type=int, default=None, help="override the budget's --max-steps")
+    p.add_argument("--epochs", type=int, default=None, help="override the budget's --epochs")
+    p.add_argument("--batch-size", type=int, default=None, help="override the budget's batch size")
+    p.add_argument("--bank", type=int, default=None, help="kNN bank: this many train images (0: all)")
+    p.add_argument("--queries", type=int, default=None, help="kNN queries: this many test images (0: all)")
+    p.add_argument("--knn-k", type=int, default=KNN_K)
+    p.add_argument("--knn-t", type=float, default=KNN_T)
+    p.add_argument("--workers", type=int, default=None, help="train.py --workers and eval workers (all cores)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-args", default="", help="extra train.py flags for every method, one quoted string")
+    p.add_argument("--runs", default=None, help="run directories go here, kept (default: a temporary folder)")
+    p.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
+    return p
+
+
+# ----------------------------------------------------------------------------- data and kNN
+def subset(source, count: int, seed: int = SUBSET_SEED):
+    """A fixed random `count` of `source` (in dataset order); all of it when count is 0 or too large."""
+    if not count or count >= len(source):
+        return source
+    keep = np.sort(np.random.default_rng(seed).choice(len(source), count, replace=False))
+    return dataclasses.replace(source, paths=[source.paths[k] for k in keep], labels=source.labels[keep],
+                               widths=source.widths[keep], heights=source.heights[keep])
+
+
+@torch.no_grad()
+def pixel_features(source, image_size: int, device, workers: int):
+    """The eval images themselves (normalised, image_size px) as vectors, and their labels."""
+    from pipelines.evaluation import eval_batches
+    feats, idxs = [], []
+    for x, idx in eval_batches(source, image_size, 256, device, workers):
+        feats.append(x.flatten(1).float().cpu())
+        idxs.append(idx)
+    feats, idxs = torch.cat(feats), torch.cat(idxs)
+    order = torch.argsort(idxs)
+    return feats[order], torch.as_tensor(source.labels)[idxs[order]]
+
+
+def backbone_features(backbone, source, image_size: int, device, workers: int, amp: str):
+    """train.py's monitor features: pooled, L2-normalised, unaugmented images."""
+    import train
+    cfg = argparse.Namespace(image_size=image_size, amp=amp, workers=workers)
+    return train.extract_features(backbone.to(device, memory_format=torch.channels_last), source, cfg,
+                                  torch.device(device), 0, 1)
+
+
+def knn_top1(features, labels, bank, bank_labels, num_classes: int, k: int, t: float) -> float:
+    from model.knn import knn_accuracy
+    return knn_accuracy(features, labels, bank, bank_labels, num_classes=num_classes, k=k, temperature=t)
+
+
+def evaluate(extract, bank_src, query_src, num_classes, k, t) -> float:
+    """kNN top-1 of the features `extract(source)` gives, queries against the bank."""
+    bank, bank_labels = extract(bank_src)
+    feats, labels = extract(query_src)
+    return knn_top1(feats, labels, bank, bank_labels, num_classes, k, t)
+
+
+# ----------------------------------------------------------------------------- training runs
+def method_config(name: str, data: str):
+    """train.py's resolved config of `name` on `data` (method yaml, small.yaml for small images)."""
+    import train
+    from pipelines.data import open_source
+    cfg, explicit = train.resolve_config(["--method", name, "--data", data])
+    src = open_source(data, "train", progress=False)
+    train.apply_small_profile(cfg, explicit, float(np.median(np.minimum(src.widths, src.heights))))
+    return cfg
+
+
+def train_command(method: str, args, run_dir: Path, budget: dict, cfg) -> list:
+    """The train.py command line of one method's budget run. Budget keys the
+    method's config lacks (e.g. warmup_epochs) are left out with a note."""
+    flags = dict(budget["train"])
+    if args.steps is not None:
+        flags["max_steps"] = args.steps
+    if args.epochs is not None:
+        flags["epochs"] = args.epochs
+    if args.batch_size is not None:
+        flags["batch_size"] = args.batch_size
+    if flags.get("max_steps") and args.epochs is None:  # enough epochs for the steps, no more
+        steps_per_epoch = max(1, args.train_size // flags.get("batch_size", 256))
+        flags["epochs"] = max(1, math.ceil(flags["max_steps"] / steps_per_epoch))
+    cmd = [sys.executable, str(ROOT / "train.py"), "--method", method, "--data", args.data,
+           "--run-dir", str(run_dir), "--knn-every", "0", "--log-every", "10", "--amp", args.amp,
+           "--seed", str(args.seed), "--workers", str(args.workers)]
+    if args.pipeline:
+        cmd += ["--pipeline", args.pipeline]
+    if args.device:
+        cmd += ["--device", args.device]
+    global_flags = {"max_steps"}
+    for key, value in flags.items():
+        if key in global_flags or hasattr(cfg, key):
+            cmd += ["--" + key.replace("_", "-"), str(value)]
+        else:
+            print(f"note: {method} has no '{key}' setting; the budget's {key}={value} is left out")
+    return cmd + method_flags(method, shlex.split(args.train_args), cfg)
+
+
+def method_flags(method: str, tokens: list, cfg) -> list:
+    """The --train-args tokens that `method` understands: a '--flag [values]' whose
+    setting the method's config lacks (e.g. --queue-size for BYOL) is dropped."""
+    kept, i = [], 0
+    while i < len(tokens):
+        j = i + 1
+        while j < len(tokens) and not tokens[j].startswith("--"):
+            j += 1
+        flag = tokens[i]
+        key = flag[2:].split("=", 1)[0].replace("-", "_")
+        if key.startswith("no_") and not hasattr(cfg, key):
+            key = key[3:]
+        if hasattr(cfg, key):
+            kept += tokens[i:j]
+        else:
+            print(f"note: {method} has no '{key}' setting; {' '.join(tokens[i:j])} is left out")
+        i = j
+    return kept
+
+
+def read_log(run_dir: Path) -> dict:
+    """Last loss, steps and mean img/s from train.py's log.jsonl."""
+    out = {}
+    speeds = []
+    try:
+        for line in (run_dir / "log.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if "loss" in rec:
+                out["final_loss"], out["steps"] = rec["loss"], rec["step"]
+                speeds.append(rec.get("img_s", 0.0))
+    except (OSError, ValueError):
+        pass
+    if speeds:
+        out["mean_img_s"] = float(np.mean(speeds))
+    return out
+
+
+def load_checkpoint(path: Path) -> dict:
+    """torch.load(weights_only=True), also accepting numpy scalars (an lr taken from
+    a numpy schedule lands in the optimizer's param_groups)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            from numpy._core.multiarray import scalar
+        except ImportError:  # numpy 1
+            from numpy.core.multiarray import scalar
+        allowed = [scalar, np.dtype] + [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32)]
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_backbone(run_dir: Path, fresh: bool = False, seed: int = 0):
+    """(backbone, config) of the run in `run_dir`: the method rebuilt from the
+    checkpoint's config, then its weights (or left at a fresh init)."""
+    from model.methods import METHODS
+    ckpt = load_checkpoint(run_dir / "checkpoint.pth")
+    config = ckpt["config"]
+    torch.manual_seed(seed)
+    model = METHODS[config["method"]](argparse.Namespace(**config))
+    if not fresh:
+        model.load_state_dict(ckpt["model"])
+    return model.backbone, config, ckpt
+
+
+def fmt_time(seconds) -> str:
+    if seconds is None:
+        return "-"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def fmt_pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def budget_text(row: dict) -> str:
+    if row.get("max_steps"):
+        return f"{row['max_steps']} steps x {row['batch_size']}"
+    if row.get("epochs"):
+        return f"{row['epochs']} epochs x {row['batch_size']}"
+    return row.get("budget", "-")
+
+
+def _training_line(rows: list) -> list:
+    done = [r for r in rows if r.get("status") == "ok"]
+    if not done:
+        return []
+    r = done[0]
+    return [f"- training: {r.get('arch')}{' small stem' if r.get('small_stem') else ''}, {r.get('image_size')} px, "
+            f"pipeline {r.get('pipeline')}, one train.py command per method (stored in the JSON)"]
+
+
+def markdown(result: dict) -> str:
+    env, s = result["environment"], result["settings"]
+    lines = [f"# Learning quality: kNN top-1 on {s['data']} (budget {s['budget']})", "",
+             f"- device: {env['device_name']} ({env['cpu_count']} CPUs), torch {env['versions']['torch']}, "
+             f"DALI {env['versions']['dali']}, python {env['versions']['python']}, {env['date']}",
+             f"- command: `{env['command']}`",
+             f"- kNN: k={s['knn_k']}, T={s['knn_t']}, cosine; bank: {s['bank_text']}; queries: {s['queries_text']}",
+             f"- anchors: random init = the method's backbone freshly initialised (seed {s['seed']}), "
+             f"raw pixels = the normalised {s['image_size']} px image as the vector; same kNN, bank and queries",
+             *_training_line(result["rows"]),
+             "- wall time: train.py's process (start to exit); kNN evaluation not included", "",
+             "| method | budget | kNN top-1 | random-init kNN | raw-pixel kNN | wall time | device |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['method']} | {budget_text(r)} | {fmt_pct(r.get('knn_top1'))} | "
+                     f"{fmt_pct(r.get('random_init_knn'))} | {fmt_pct(r.get('raw_pixel_knn'))} | "
+                     f"{fmt_time(r.get('train_seconds'))} | {r.get('device') or env['device']} |")
+    notes = [r for r in result["rows"] if r.get("status") != "ok"]
+    if notes:
+        lines += [""] + [f"- {r['method']}: {r['status']}: {r.get('reason') or r.get('error')}" for r in notes]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = get_args_parser().parse_args(argv)
+    args.workers = args.workers if args.workers is not None else cpu_count()
+    budget = BUDGETS[args.budget]
+    bank_n = budget["bank"] if args.bank is None else args.bank
+    query_n = budget["queries"] if args.queries is None else args.queries
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    env = environment(device, argv, "bench/quality.py")
+    t_start = time.perf_counter()
+
+    from pipelines.data import open_source
+    print(f"preparing {args.data} (written once into the cache)", flush=True)
+    train_src, test_src = open_source(args.data, "train"), open_source(args.data, "test")
+    if test_src is None or not train_src.has_labels:
+        print(f"error: {args.data} needs labels and a test split for kNN", file=sys.stderr)
+        return 2
+    args.train_size = len(train_src)
+    bank_src, query_src = subset(train_src, bank_n), subset(test_src, query_n, SUBSET_SEED + 1)
+    num_classes = len(train_src.classes)
+
+    try:
+        from model.methods import METHODS
+    except Exception as e:
+        print(f"error: model.methods does not import ({short_error(e)})", file=sys.stderr)
+        return 2
+    names = list(METHODS) if args.methods == "all" else split(args.methods)
+    runs_root = Path(args.runs) if args.runs else Path(tempfile.mkdtemp(prefix="viewforge-quality-"))
+    rows, anchors = [], {}
+    pixel_cache = {}
+    try:
+        for name in names:
+            row = {"method": name, "budget": args.budget, "device": str(device)}
+            rows.append(row)
+            if name not in METHODS:
+                row.update(status="skipped", reason=f"not in model.methods.METHODS "
+                                                    f"(registered: {', '.join(sorted(METHODS))})")
+                print(f"skipped {name}: {row['reason']}")
+                continue
+            try:
+                cfg = method_config(name, args.data)
+                run_dir = runs_root / f"{name}-{args.budget}"
+                cmd = train_command(name, args, run_dir, budget, cfg)
+                row["command"] = " ".join(shlex.quote(c) for c in cmd[1:]).replace(str(ROOT) + "/", "")
+                print(f"\n[{name}] python {row['command']}", flush=True)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                t0 = time.perf_counter()
+                with open(run_dir / "train.out", "w") as out:
+                    proc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
+                row["train_seconds"] = time.perf_counter() - t0
+                row.update(read_log(run_dir))
+                if proc.returncode != 0 or not (run_dir / "checkpoint.pth").exists():
+                    tail = (run_dir / "train.out").read_text(errors="replace").strip().splitlines()[-5:]
+                    raise RuntimeError(f"train.py exited with {proc.returncode}: " + " | ".join(tail)[-600:])
+                t1 = time.perf_counter()
+                backbone, config, ckpt = load_backbone(run_dir)
+                size, arch = config["image_size"], (config.get("arch"), config.get("small_stem"))
+                row.update(max_steps=config.get("max_steps"), epochs=config.get("epochs"),
+                           batch_size=config.get("batch_size"), arch=arch[0], small_stem=arch[1], image_size=size,
+                           pipeline=config.get("pipeline"), trained_steps=ckpt["step"])
+
+                def extract(net):
+                    return lambda src: backbone_features(net, src, size, device, args.workers, args.amp)
+                row["knn_top1"] = evaluate(extract(backbone), bank_src, query_src, num_classes,
+                                           args.knn_k, args.knn_t)
+                row["eval_seconds"] = time.perf_counter() - t1
+                key = (*arch, size) if arch[0] else (name, size)
+                if key not in anchors:  # one random-init anchor per architecture and image size
+                    fresh, _, _ = load_backbone(run_dir, fresh=True, seed=args.seed)
+                    print(f"[{name}] random-init anchor ({arch[0]}{' small stem' if arch[1] else ''}, {size} px)",
+                          flush=True)
+                    anchors[key] = evaluate(extract(fresh), bank_src, query_src, num_classes, args.knn_k, args.knn_t)
+                row["random_init_knn"] = anchors[key]
+                if size not in pixel_cache:
+                    pixel_cache[size] = evaluate(lambda src: pixel_features(src, size, device, args.workers),
+                                                 bank_src, query_src, num_classes, args.knn_k, args.knn_t)
+                row["raw_pixel_knn"] = pixel_cache[size]
+                row["status"] = "ok"
+                print(f"[{name}] kNN top-1 {fmt_pct(row['knn_top1'])} (random init {fmt_pct(row['random_init_knn'])}, "
+                      f"raw pixels {fmt_pct(row['raw_pixel_knn'])}); trained {fmt_time(row['train_seconds'])}, "
+                      f"evaluated {fmt_time(row['eval_seconds'])}", flush=True)
+            except Exception as e:
+                row.update(status="error", error=short_error(e))
+                print(f"[{name}] FAILED {row['error']}", flush=True)
+    finally:
+        if not args.runs:
+            shutil.rmtree(runs_root, ignore_errors=True)
+
+    image_size = next((r["image_size"] for r in rows if "image_size" in r), None)
+    result = {
+        "environment": env,
+        "settings": {"budget": args.budget, "budget_flags": budget["train"], "data": args.data, "knn_k": args.knn_k,
+                     "knn_t": args.knn_t, "bank": len(bank_src), "queries": len(query_src),
+                     "bank_text": f"{len(bank_src):,} of {len(train_src):,} train images"
+                                  + (f" (fixed random subset, seed {SUBSET_SEED})" if len(bank_src) < len(train_src) else ""),
+                     "queries_text": f"{len(query_src):,} of {len(test_src):,} test images"
+                                     + (f" (fixed random subset, seed {SUBSET_SEED + 1})"
+                                        if len(query_src) < len(test_src) else ""),
+                     "seed": args.seed, "workers": args.workers, "amp": args.amp, "image_size": image_size,
+                     "steps_override": args.steps, "epochs_override": args.epochs, "train_args": args.train_args},
+        "rows": rows,
+        "total_seconds": time.perf_counter() - t_start,
+    }
+    out_dir = Path(args.out) if args.out else ROOT / "bench" / "results" / env["slug"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"quality-{args.budget}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    table = markdown(result)
+    (out_dir / f"{stem}.md").write_text(table)
+    print("\n" + table)
+    print(f"total {fmt_time(result['total_seconds'])}; wrote {out_dir / stem}.md and .json")
+    return 0 if all(r.get("status") in ("ok", "skipped") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
