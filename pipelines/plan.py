@@ -11,7 +11,9 @@ The kernels are Numba-compiled and work per batch: one call per view family.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -178,7 +180,7 @@ def _aug_row(aug: AugSpec) -> list:
             aug.grayscale_p, aug.blur_p, aug.blur_sigma[0], aug.blur_sigma[1], aug.solarize_p]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _plan_views(key, stream, widths, heights, index, augs, s0, s1, logr0, logr1, whole):
     """Plan `augs.shape[0]` views of each sample of `index`.
 
@@ -246,7 +248,7 @@ def _plan_views(key, stream, widths, heights, index, augs, s0, s1, logr0, logr1,
 # the already *normalised* tensor. Here the assignment is random (below)
 # and every canvas gets its own shift.
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", nogil=True)
 def _mosaic_draws(key, batch, m, jitter, limit):
     """The random part of a mosaic plan, from substream (0, 0) of `key`.
 
@@ -317,7 +319,7 @@ def _mosaic_draws(key, batch, m, jitter, limit):
     return tile_src, tile_crop, shift
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", nogil=True)
 def _mosaic_geometry(tile_src, shift, grid, crop):
     """The deterministic part: tiles of crop x crop px in a grid x grid
     canvas, cell t at row t // grid, column t % grid, moved by shift[c] =
@@ -431,7 +433,7 @@ def _pair_sample(s, fw, fh, k, min_size, max_iou, tries, out, cws, chs):
     return n
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", nogil=True)
 def _pair_boxes(window, flip, size, frame, count):
     """The deterministic part: frame boxes frame[b, :count[b]] to float32
     [2, P, 5] (b, x0, y0, x1, y1) in the pixels of views 0 and 1, P =
@@ -480,7 +482,7 @@ def _pair_boxes(window, flip, size, frame, count):
     return boxes
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", nogil=True)
 def _pair_draws(key, window, size, k, min_size, max_iou, tries):
     """The random part of SCRL pairs: frame boxes int64 [B, k, 4] (x0, y0,
     x1, y1; rows from count[b] on are zero) and count int32 [B]. Image b
@@ -630,6 +632,19 @@ class Planner:
         if spec.mosaic is not None:
             self._mosaic_augs = np.array([_aug_row(spec.mosaic.aug)] * spec.mosaic.crops_per_image, np.float64)
         self._shard_epoch, self._shard = None, None
+        self._pool, self._pool_pid = None, None
+
+    def __getstate__(self):  # threads do not travel to worker processes
+        state = dict(self.__dict__)
+        state["_pool"] = state["_pool_pid"] = None
+        return state
+
+    def _second_thread(self) -> concurrent.futures.ThreadPoolExecutor:
+        # One per process: a pool inherited through fork has no live thread.
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="planner")
+            self._pool_pid = os.getpid()
+        return self._pool
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -650,6 +665,11 @@ class Planner:
         b = self.batch_size
         index = np.ascontiguousarray(self.shard(epoch)[step * b:(step + 1) * b])
         out = BatchPlan(epoch=epoch, step=step, index=index)
+        # The mosaic depends on nothing else in the plan and its kernels
+        # release the GIL, so it is planned on a second thread meanwhile.
+        mosaic = None
+        if self.spec.mosaic is not None:
+            mosaic = self._second_thread().submit(self._mosaic, epoch, step, index)
         for i, c in enumerate(self.spec.crops):
             key = _key(self.seed, epoch, self.rank, step, _STREAM_CROPS + i)
             out.crops[c.name] = self._views(key, index, self._augs[c.name], c.scale, c.ratio, False,
@@ -659,10 +679,10 @@ class Planner:
             key = _key(self.seed, epoch, self.rank, step, _STREAM_ORIGINAL)
             out.original = self._views(key, index, np.array([_aug_row(o.aug)]), (1.0, 1.0), (1.0, 1.0),
                                        True, o.size, (o.aug,))
-        if self.spec.mosaic is not None:
-            out.mosaic = self._mosaic(epoch, step, index)
         if self.spec.pairs is not None:
             out.pairs = self._pairs(epoch, step, out.crops[self.spec.pairs.family])
+        if mosaic is not None:
+            out.mosaic = mosaic.result()
         return out
 
     def _views(self, key, index, augs, scale, ratio, whole, size, aug_specs) -> CropPlan:
