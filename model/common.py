@@ -90,6 +90,21 @@ def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor | None) -> torc
     return concat_all_gather(x)[idx_unshuffle[rank * n:(rank + 1) * n]]
 
 
+@torch.no_grad()
+def momentum_key(backbone: nn.Module, projector: nn.Module, x: torch.Tensor, shuffle_bn: bool,
+                 output: int = 1) -> torch.Tensor:
+    """MoCo's key: the momentum encoder on x, BN statistics decoupled from the
+    query's by shuffling the batch across ranks (MoCo Sec. 3.3), L2-normalised
+    in float32. `output` picks the backbone's feature map (0) or pooled vector (1)."""
+    undo = None
+    if shuffle_bn:
+        x, undo = batch_shuffle(x)
+    k = projector(backbone(x)[output])
+    if shuffle_bn:
+        k = batch_unshuffle(k, undo)
+    return F.normalize(k.float(), dim=1)  # B x dim
+
+
 # ----------------------------------------------------------------------------- momentum encoder
 def copy_as_target(module: nn.Module) -> nn.Module:
     """A deep copy updated only by ema_update (requires_grad False)."""

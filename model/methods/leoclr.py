@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from pipelines.views import MOCOV2_AUG, CropSpec, OriginalSpec, ViewSpec, Views
 
 from ..backbones import build_backbone
-from ..common import Queue, batch_shuffle, batch_unshuffle, copy_as_target, ema_update, info_nce, nt_xent
+from ..common import Queue, momentum_key, copy_as_target, ema_update, info_nce, nt_xent
 from ..heads import MLP
 
 
@@ -64,14 +63,8 @@ class LeOCLR(nn.Module):
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.backbone(x)[1])  # B x proj_dim
 
-    @torch.no_grad()
     def _key(self, x: torch.Tensor) -> torch.Tensor:
-        if self.shuffle_bn:
-            x, undo = batch_shuffle(x)
-        k = self.key_projector(self.key_backbone(x)[1])
-        if self.shuffle_bn:
-            k = batch_unshuffle(k, undo)
-        return F.normalize(k.float(), dim=1)  # B x proj_dim
+        return momentum_key(self.key_backbone, self.key_projector, x, self.shuffle_bn)  # B x proj_dim
 
     def forward(self, views: Views) -> tuple[torch.Tensor, dict]:
         x = views.original                # B x C x H x W, the whole image

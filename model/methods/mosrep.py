@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from pipelines.views import BYOL_AUG_1, BYOL_AUG_2, MOCOV2_AUG, CropSpec, MosaicSpec, ViewSpec, Views
 
 from ..backbones import build_backbone
-from ..common import (Queue, batch_shuffle, batch_unshuffle, copy_as_target, cosine_momentum, ema_update,
+from ..common import (Queue, momentum_key, copy_as_target, cosine_momentum, ema_update,
                       info_nce_indexed, roi_features)
 from ..heads import MLP, ConvProjector
 
@@ -112,14 +112,8 @@ class MosRep(nn.Module):
         rois = roi_features(fmap.float(), views.mosaic_rois, self.roi_size, self.backbone.stride)  # BM x C x r x r
         return self.predictor(self.projector(rois))  # B*M x proj_dim
 
-    @torch.no_grad()
     def _key(self, x: torch.Tensor) -> torch.Tensor:
-        if self.shuffle_bn:
-            x, undo = batch_shuffle(x)
-        k = self.key_projector(self.key_backbone(x)[0])
-        if self.shuffle_bn:
-            k = batch_unshuffle(k, undo)
-        return F.normalize(k.float(), dim=1)  # B x proj_dim
+        return momentum_key(self.key_backbone, self.key_projector, x, self.shuffle_bn, output=0)  # B x proj_dim
 
     def forward(self, views: Views) -> tuple[torch.Tensor, dict]:
         x1, x2 = views.crops["global"]  # each B x C x H x W, channels_last
