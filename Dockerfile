@@ -5,7 +5,7 @@
 FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 \
-    PIP_BREAK_SYSTEM_PACKAGES=1 VIEWFORGE_CACHE=/cache
+    PIP_BREAK_SYSTEM_PACKAGES=1 VIEWFORGE_CACHE=/cache THP_MEM_ALLOC_ENABLE=1
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-pip python3-dev git \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /workspace/viewforge

@@ -25,10 +25,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import yaml
+# A batch of views is tens of MB: with this, torch puts large CPU tensors on
+# 2 MB pages, and filling fresh ones stops costing a page fault per 4 kB
+# (4x faster on the 2-core machine; read once, so set before torch loads).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT / "configs"

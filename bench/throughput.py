@@ -68,6 +68,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as train.py: large CPU tensors on 2 MB pages
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -584,7 +586,7 @@ def run_main(source, args, device, parts: set) -> list:
                     row["errors"]["end_to_end"] = err
             row["status"] = "error" if row["errors"] else "ok"
             rows.append(row)
-        del trainer
+        trainer = None  # free the model before the next method
     add_ratios(rows)
     return rows
 

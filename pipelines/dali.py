@@ -41,8 +41,12 @@ How the plan's semantics (pipelines/torchvision.py, PIL) are kept:
   like libjpeg-turbo.
 Operations whose AugSpec probability is 0 are left out of the graph.
 
-Pixels leave the graph as uint8 HWC and are normalised by the loader's
-`normalize` (the torchvision pipeline's code), so every crops[name][i] is a
+Normalisation: the CPU graph's Numba operator ends every view by writing
+it normalised, float32 HWC, so that pass runs on DALI's threads instead of
+the training loop's (on 2 cores it was ~45% of the main thread's time); the
+mosaic is pasted from normalised tiles. The GPU graph (and colour='dali')
+hands out uint8 HWC, normalised by the loader's `normalize` (the torchvision
+pipeline's code) on the device. Either way every crops[name][i] is a
 channels_last [B, C, H, W] view of [count, B, H, W, C] memory.
 """
 from __future__ import annotations
@@ -61,7 +65,7 @@ from nvidia.dali import fn, pipeline_def, types
 from .base import PipelineError, PlannedLoader
 from .plan import BatchPlan, CropPlan
 from .torchvision import MOSAIC_FILL
-from .views import AugSpec, Views
+from .views import MEAN, STD, AugSpec, Views
 
 # Subtracted before DALI's round-to-nearest conversion to uint8 so that it
 # truncates like PIL's Image.blend.
@@ -70,6 +74,9 @@ _SOLARIZE = [i if i < 128 else 255 - i for i in range(256)]
 # The CPU operator's per-view parameter vector (float32).
 _P_JITTER, _P_ORDER, _P_B, _P_C, _P_S, _P_H, _P_GRAY, _P_SIGMA, _P_KERNEL, _P_SOLARIZE = 0, 1, 5, 6, 7, 8, 9, 10, 11, 12
 _P_LEN = 13
+# x * scale + shift = (x / 255 - MEAN) / STD, in float32 as PlannedLoader.normalize computes it.
+_MEAN255, _STD255 = np.asarray(MEAN, np.float32) * np.float32(255), np.asarray(STD, np.float32) * np.float32(255)
+_NORM_SCALE, _NORM_SHIFT = np.float32(1) / _STD255, -_MEAN255 / _STD255
 
 
 # ---------------------------------------------------------------- static layout
@@ -121,10 +128,8 @@ class _View:
     def keys(self, native: bool) -> list:
         a, k = self.aug, f"{self.g}.{self.v}."
         keys = [k + "start", k + "end"]
-        if not native:
-            if a.jitter_p > 0 or a.grayscale_p > 0 or a.blur_p > 0 or a.solarize_p > 0:
-                keys.append(k + "p")
-            return keys
+        if not native:  # the CPU operator runs on every view: it also normalises
+            return keys + [k + "p"]
         if a.jitter_p > 0:
             keys += [k + f"{p}{i}" for i in range(4) for p in "abdh"]
         if a.grayscale_p > 0:
@@ -275,11 +280,8 @@ def _view(image, inputs: dict, view: _View, size: int, native: bool, gpu: bool, 
     k = f"{view.g}.{view.v}."
     x = fn.resize(image, size=[size, size], roi_start=inputs[k + "start"], roi_end=inputs[k + "end"],
                   roi_relative=True, interp_type=types.INTERP_LINEAR, antialias=True)
-    if not native:
-        if k + "p" in inputs:
-            # the operator's output has no layout; later operators need HWC
-            x = fn.reshape(cpu_op(x, inputs[k + "p"]), layout="HWC")
-        return x
+    if not native:  # the operator's output has no layout; later operators need HWC
+        return fn.reshape(cpu_op(x, inputs[k + "p"]), layout="HWC")
     x = _native_colour(x, inputs, k, gpu)
     if k + "sigma" in inputs:
         window = view.aug.blur_kernel(size)
@@ -320,17 +322,38 @@ def _native_colour(x, inputs: dict, k: str, gpu: bool):
     return x
 
 
-def _fill_uncovered(canvas: torch.Tensor, shift: np.ndarray) -> torch.Tensor:
+def _fill_uncovered(canvas: torch.Tensor, shift: np.ndarray, fill: torch.Tensor) -> torch.Tensor:
     """The band a canvas's jitter uncovers (multi_paste leaves it 0) takes
-    the reference's MOSAIC_FILL. canvas [B, S, S, 3] uint8; shift [B, 2] (dx, dy)."""
+    `fill`, the reference's MOSAIC_FILL in the canvas's dtype (normalised
+    when the canvas is). canvas [B, S, S, 3]; shift [B, 2] (dx, dy). A CPU
+    canvas is filled in place, band only (a masked select over the whole
+    canvas cost more than the rest of the main thread's work)."""
+    if canvas.device.type == "cpu":
+        _fill_band(canvas.numpy(), np.ascontiguousarray(shift, np.int64), fill.to(canvas.dtype).numpy())
+        return canvas
     s = canvas.shape[1]
     d = torch.as_tensor(shift, dtype=torch.int64).to(canvas.device)
     at = torch.arange(s, device=canvas.device)
     rows = (at >= d[:, 1:].clamp(min=0)) & (at < s + d[:, 1:].clamp(max=0))  # [B, S]
     cols = (at >= d[:, :1].clamp(min=0)) & (at < s + d[:, :1].clamp(max=0))
     covered = (rows[:, :, None] & cols[:, None, :])[..., None]
-    fill = torch.tensor(MOSAIC_FILL, dtype=torch.uint8, device=canvas.device)
-    return torch.where(covered, canvas, fill)
+    return torch.where(covered, canvas, fill.to(canvas.device))
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill_band(canvas, shift, fill):
+    """canvas[b] outside rows [dy, S + dy) and columns [dx, S + dx) = fill."""
+    s = canvas.shape[1]
+    for b in range(canvas.shape[0]):
+        dx, dy = shift[b, 0], shift[b, 1]
+        y0, y1 = max(dy, 0), min(s + dy, s)
+        x0, x1 = max(dx, 0), min(s + dx, s)
+        for y in range(s):
+            if y < y0 or y >= y1:
+                canvas[b, y, :, :] = fill
+            else:
+                canvas[b, y, :x0, :] = fill
+                canvas[b, y, x1:, :] = fill
 
 
 # ---------------------------------------------------------------- the loader
@@ -413,20 +436,31 @@ class DaliLoader(PlannedLoader):
     def _views_of(self, plan: BatchPlan, outputs) -> Views:
         views = self.bookkeeping(plan)
         device = torch.device("cuda", self.device_id) if self.gpu else torch.device("cpu")
+        # the CPU operator's outputs are normalised float32 already
+        normalised = not self.native
+        finish = self._to_training if normalised else self.normalize
         i = 0
         for group in self._groups:
             n, s = group.outputs, group.out_size
-            pixels = torch.empty((n, self.batch_size, s, s, 3), dtype=torch.uint8, device=device)
+            pixels = torch.empty((n, self.batch_size, s, s, 3), dtype=torch.float32 if normalised else torch.uint8,
+                                 device=device)
             for v in range(n):
                 self._copy(outputs[i + v], pixels[v])
             i += n
             if group.kind == "crops":
-                views.crops[group.name] = self.normalize(pixels)
+                views.crops[group.name] = finish(pixels)
             elif group.kind == "original":
-                views.original = self.normalize(pixels[0])
+                views.original = finish(pixels[0])
             else:
-                views.mosaic = self.normalize(_fill_uncovered(pixels[0], plan.mosaic.shift))
+                fill = torch.tensor(MOSAIC_FILL, dtype=torch.uint8)
+                if normalised:
+                    fill = torch.from_numpy(fill.numpy() * _NORM_SCALE + _NORM_SHIFT)
+                views.mosaic = finish(_fill_uncovered(pixels[0], plan.mosaic.shift, fill))
         return views
+
+    def _to_training(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised float32 [..., H, W, C] -> [..., C, H, W] in the training dtype and device."""
+        return pixels.to(self.device, self.dtype, non_blocking=True).movedim(-1, -3)
 
     def _copy(self, batch, dest: torch.Tensor):
         """An output TensorList into a contiguous tensor of its shape."""
@@ -666,6 +700,24 @@ def augment(out, image, p):
         _solarize(out)
 
 
+@numba.njit(cache=True)
+def render(out, image, p):
+    """The CPU operator's whole work for one view of one sample: `augment`
+    (skipped, with its copy, when p asks for nothing), then normalisation
+    into out: (H, W, 3) float32; image: (H, W, 3) uint8."""
+    if p[_P_JITTER] > 0.5 or p[_P_GRAY] > 0.5 or p[_P_SIGMA] > 0 or p[_P_SOLARIZE] > 0.5:
+        src = np.empty_like(image)
+        augment(src, image, p)
+    else:
+        src = image
+    h, w, _ = src.shape
+    scale, shift = _NORM_SCALE, _NORM_SHIFT
+    for y in range(h):
+        for x in range(w):
+            for c in range(3):
+                out[y, x, c] = np.float32(src[y, x, c]) * scale[c] + shift[c]
+
+
 # DALI's numba_function operator calls C functions of the signatures below
 # (see nvidia/dali/plugin/numba); its Python wrapper compiles new ones for
 # every operator it makes (seconds each), so ours are compiled once, cached
@@ -680,14 +732,14 @@ def _void_ptr(typingctx, address):
 
 
 def _run(out_ptr, out_shapes_ptr, out_ndims_ptr, num_outs, in_ptr, in_shapes_ptr, in_ndims_ptr, num_ins):
-    """One sample: inputs (image HWC uint8, p float32[13]), output image HWC uint8."""
+    """One sample: inputs (image HWC uint8, p float32[13]), output image HWC float32, normalised."""
     outs = numba.carray(_void_ptr(out_ptr), 1, dtype=np.int64)
     ins = numba.carray(_void_ptr(in_ptr), 2, dtype=np.int64)
     shapes = numba.carray(_void_ptr(in_shapes_ptr), 2, dtype=np.int64)  # per input: its shape's address
     shape = numba.carray(_void_ptr(shapes[0]), 3, dtype=np.int64)
     image = numba.carray(_void_ptr(ins[0]), (shape[0], shape[1], shape[2]), dtype=np.uint8)
-    out = numba.carray(_void_ptr(outs[0]), (shape[0], shape[1], shape[2]), dtype=np.uint8)
-    augment(out, image, numba.carray(_void_ptr(ins[1]), _P_LEN, dtype=np.float32))
+    out = numba.carray(_void_ptr(outs[0]), (shape[0], shape[1], shape[2]), dtype=np.float32)
+    render(out, image, numba.carray(_void_ptr(ins[1]), _P_LEN, dtype=np.float32))
 
 
 def _setup(out_shapes_ptr, out_ndims_ptr, num_outs, in_shapes_ptr, in_ndims_ptr, num_ins, num_samples):
@@ -731,5 +783,5 @@ def _cpu_operator():
     if _CPU_OPERATOR[0] is None:
         return None
     cls, run, setup = _CPU_OPERATOR[0]
-    return cls(run_fn=run, setup_fn=setup, out_types=[types.UINT8], in_types=[types.UINT8, types.FLOAT],
+    return cls(run_fn=run, setup_fn=setup, out_types=[types.FLOAT], in_types=[types.UINT8, types.FLOAT],
                outs_ndim=[3], ins_ndim=[3, 1], batch_processing=False)

@@ -1,5 +1,4 @@
 """Shared test fixtures: tiny real image data built in temporary directories."""
-import os
 import sys
 from pathlib import Path
 

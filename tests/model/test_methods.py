@@ -10,7 +10,7 @@ import yaml
 from model.common import copy_as_target
 from model.methods import METHODS
 from model.optim import build_optimizer
-from pipelines.views import CropSpec, ViewSpec, Views
+from pipelines.views import ViewSpec, Views
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # Small enough for 2 CPU cores; every other key comes from the method's yaml.

@@ -1,6 +1,5 @@
 """The contract every pipeline keeps, parametrised over the registered ones:
 Views shapes, dtypes, layout and bookkeeping, epochs, and mid-epoch resume."""
-import numpy as np
 import pytest
 import torch
 
