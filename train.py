@@ -107,12 +107,16 @@ def resolve_config(argv: list[str]) -> tuple[argparse.Namespace, dict]:
 
 def apply_small_profile(cfg: argparse.Namespace, explicit: dict, median_side: float) -> list[str]:
     """Images of at most 64 px (the sample, Fashion-MNIST) get configs/small.yaml
-    for keys the method has and the command line did not set."""
+    for keys the method has and the command line did not set. A mapping
+    there replaces the method's value by its entry (arch: resnet50 ->
+    resnet18, rf_resnet50 -> rf_resnet18) and leaves other values alone."""
     if median_side > 64:
         return []
     changed = []
     for key, value in load_yaml(CONFIGS / "small.yaml").items():
-        if hasattr(cfg, key) and key not in explicit:
+        if isinstance(value, dict):
+            value = value.get(getattr(cfg, key, None), getattr(cfg, key, None))
+        if hasattr(cfg, key) and key not in explicit and getattr(cfg, key) != value:
             setattr(cfg, key, value)
             changed.append(f"{key}={value}")
     return changed

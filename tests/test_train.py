@@ -146,3 +146,18 @@ def test_missing_capability_is_named(labelled_folder, tmp_path, monkeypatch, cap
                             "--run-dir", str(tmp_path / "r"), *TINY])
     assert rc == 2
     assert "cannot make asymmetric views" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, arch", [(["--method", "mocov2"], "resnet18"),
+                                        (["--method", "cossl"], "rf_resnet18"),
+                                        (["--method", "cossl", "--arch", "resnet50"], "resnet50")])
+def test_small_profile_keeps_the_backbone_family(argv, arch):
+    """configs/small.yaml shrinks ResNet-50 to ResNet-18 within its family
+    (CO-SSL's RF-ResNet stays receptive-field limited) and never overrides
+    the command line."""
+    import train as train_module
+    cfg, explicit = train_module.resolve_config(argv)
+    train_module.apply_small_profile(cfg, explicit, median_side=28)
+    assert cfg.arch == arch and cfg.small_stem and cfg.image_size == 32
+    big, explicit = train_module.resolve_config(argv)
+    assert train_module.apply_small_profile(big, explicit, median_side=375) == []
