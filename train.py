@@ -163,6 +163,17 @@ def cosine_schedule(base: float, total: int, warmup: int, final: float = 0.0) ->
     return np.concatenate([warm, cos])
 
 
+def schedule_steps(epochs: int, steps_per_epoch: int, warmup_epochs: float, max_steps: int | None) -> tuple:
+    """(total, warm-up) steps. A --max-steps budget shorter than the epochs
+    compresses the whole schedule into it, warm-up included (same fraction
+    of the run), so a short run is never all warm-up."""
+    total, warmup = epochs * steps_per_epoch, int(round(warmup_epochs * steps_per_epoch))
+    if max_steps and max_steps < total:
+        warmup = int(round(warmup * max_steps / total))
+        total = max_steps
+    return total, warmup
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, state: dict) -> None:
     """Temporary file, then os.replace: a kill never leaves half a checkpoint."""
@@ -333,10 +344,8 @@ def run(argv: list[str]) -> int:
     lr = cfg.lr * cfg.batch_size / 256  # linear scaling rule (Goyal et al. 2017)
     optimizer = build_optimizer(cfg, raw_model, lr)
     steps_per_epoch = len(loader)
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:  # a fixed step budget; the schedules span it
-        total_steps = min(total_steps, cfg.max_steps)
-    lr_schedule = cosine_schedule(lr, total_steps, cfg.warmup_epochs * steps_per_epoch)
+    total_steps, warmup_steps = schedule_steps(cfg.epochs, steps_per_epoch, cfg.warmup_epochs, cfg.max_steps)
+    lr_schedule = cosine_schedule(lr, total_steps, warmup_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
 
     config = {k: v for k, v in vars(cfg).items()}

@@ -161,3 +161,12 @@ def test_small_profile_keeps_the_backbone_family(argv, arch):
     assert cfg.arch == arch and cfg.small_stem and cfg.image_size == 32
     big, explicit = train_module.resolve_config(argv)
     assert train_module.apply_small_profile(big, explicit, median_side=375) == []
+
+
+def test_a_step_budget_compresses_the_warm_up():
+    import train as train_module
+    assert train_module.schedule_steps(10, 20, 1, None) == (200, 20)
+    assert train_module.schedule_steps(10, 20, 1, 50) == (50, 5)      # warm-up keeps its 10% of the run
+    assert train_module.schedule_steps(10, 20, 1, 500) == (200, 20)   # a budget past the epochs changes nothing
+    lr = train_module.cosine_schedule(0.1, *train_module.schedule_steps(100, 20, 10, 30))
+    assert len(lr) == 30 and lr.max() == pytest.approx(0.1) and lr[0] == 0 and lr[-1] < lr.max()
