@@ -236,8 +236,12 @@ def roi_features(fmap: torch.Tensor, rois: torch.Tensor, output_size, stride: in
     pixels per cell, rois [K, 5] (batch index, x0, y0, x1, y1) in input
     pixels -> [K, C, out, out]."""
     from torchvision.ops import roi_align  # torchvision's import is slow; only RoI methods need it
-    return roi_align(fmap, rois.to(fmap.dtype), output_size, spatial_scale=1.0 / stride,
-                                     sampling_ratio=sampling_ratio, aligned=aligned)
+    # float32 outside autocast: torchvision 0.29's CPU roi_align backward on a
+    # bf16 map under autocast corrupts the heap ("double free or corruption",
+    # seen with SCRL's 1 x 1 boxes on 2 threads); the map is small, the cast cheap.
+    with torch.autocast(fmap.device.type, enabled=False):
+        return roi_align(fmap.float(), rois.float(), output_size, spatial_scale=1.0 / stride,
+                         sampling_ratio=sampling_ratio, aligned=aligned)
 
 
 def info_nce_indexed(q: torch.Tensor, k: torch.Tensor, target: torch.Tensor, queue: torch.Tensor | None = None,

@@ -151,6 +151,35 @@ def test_roi_features_spatial_scale():
     assert out[1].item() == pytest.approx(5.0)  # the cell at (1, 1)
 
 
+def test_roi_features_backward_under_bf16_autocast_keeps_the_heap():
+    """SCRL's case that aborted training (torchvision's CPU roi_align
+    backward on a bf16 channels_last map under autocast, 2 threads): run in
+    a child process, since heap corruption kills the interpreter."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = """
+import torch
+from model.common import roi_features
+torch.set_num_threads(2)
+torch.manual_seed(0)
+fmap = torch.randn(64, 512, 4, 4, requires_grad=True)
+g = torch.Generator().manual_seed(1)
+xy = torch.rand(2000, 2, generator=g) * 24
+rois = torch.cat([torch.randint(0, 64, (2000, 1), generator=g).float(), xy, xy + 2 + torch.rand(2000, 2, generator=g) * 6], 1)
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = fmap.contiguous(memory_format=torch.channels_last).to(torch.bfloat16)
+    for _ in range(3):
+        out = roi_features(x, rois, 1, 8, sampling_ratio=-1, aligned=False)
+        out.float().sum().backward()
+assert out.dtype == torch.float32 and out.shape == (2000, 512, 1, 1)
+print("ok", float(fmap.grad.abs().sum()) > 0)
+"""
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "ok True" in proc.stdout, proc.stderr[-500:]
+
+
 # ----------------------------------------------------------------------------- optimizer
 def test_lars_step_matches_formula_and_excludes_1d():
     torch.manual_seed(0)
