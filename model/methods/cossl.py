@@ -32,14 +32,13 @@ proj_dim, pred_hidden, local_hidden, ema, local_weight.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from pipelines.views import BYOL_AUG_1, BYOL_AUG_2, CropSpec, ViewSpec, Views
 
-from ..backbones import build_backbone
-from ..common import byol_loss, copy_as_target, cosine_momentum, ema_update
-from ..heads import MLP, ConvMLP
+from ..common import byol_loss
+from ..heads import ConvMLP
+from .byol import BYOL
 
 
 def local_loss_terms(pred: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -51,7 +50,7 @@ def local_loss_terms(pred: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return 2 - 2 * cos
 
 
-class COSSL(nn.Module):
+class COSSL(BYOL):
     name = "cossl"
 
     @staticmethod
@@ -60,27 +59,16 @@ class COSSL(nn.Module):
         return ViewSpec(crops=(CropSpec("global", 2, cfg.image_size, scale=scale, augs=(BYOL_AUG_1, BYOL_AUG_2)),))
 
     def __init__(self, cfg):
-        super().__init__()
-        self.base_ema = cfg.ema
+        super().__init__(cfg)  # BYOL's online and target networks, its decay schedule
         self.local_weight = float(cfg.local_weight)
-        self.register_buffer("tau", torch.tensor(float(cfg.ema)))
-        self.backbone = build_backbone(cfg.arch, cfg.small_stem)
         c, d = self.backbone.out_dim, cfg.proj_dim
         local_hidden = getattr(cfg, "local_hidden", cfg.proj_hidden)
-        self.projector = MLP(c, cfg.proj_hidden, d)
-        self.predictor = MLP(d, cfg.pred_hidden, d)
         self.local_projector = ConvMLP(c, local_hidden, d)
         self.local_predictor = ConvMLP(d, local_hidden, d)
-        self.target_backbone = copy_as_target(self.backbone)
-        self.target_projector = copy_as_target(self.projector)
 
     def _online(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fmap, pooled = self.backbone(x)                                    # B x C x h x w, B x C
         return self.predictor(self.projector(pooled)), self.local_predictor(self.local_projector(fmap))
-
-    @torch.no_grad()
-    def _target(self, x: torch.Tensor) -> torch.Tensor:
-        return self.target_projector(self.target_backbone(x)[1])           # B x proj_dim
 
     def forward(self, views: Views) -> tuple[torch.Tensor, dict]:
         x1, x2 = views.crops["global"]                                     # each B x C x H x W, channels_last
@@ -91,10 +79,3 @@ class COSSL(nn.Module):
         loss = global_loss + self.local_weight * local_loss
         return loss, {"tau": self.tau.detach().clone(), "global_loss": global_loss.detach(),
                       "local_loss": local_loss.detach()}
-
-    @torch.no_grad()
-    def step_end(self, progress: float) -> None:
-        tau = cosine_momentum(self.base_ema, progress)
-        self.tau.fill_(tau)
-        ema_update(self.target_backbone, self.backbone, tau)
-        ema_update(self.target_projector, self.projector, tau)

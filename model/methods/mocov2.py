@@ -39,9 +39,10 @@ class MoCoV2(nn.Module):
         super().__init__()
         self.temperature = cfg.temperature
         self.ema = cfg.ema
-        self.symmetric = cfg.symmetric
+        self.symmetric = getattr(cfg, "symmetric", True)
         self.shuffle_bn = getattr(cfg, "shuffle_bn", True)
-        self.backbone = build_backbone(cfg.arch, cfg.small_stem)
+        self.backbone = build_backbone(cfg.arch, cfg.small_stem,
+                                       zero_init_residual=getattr(cfg, "zero_init_residual", False))
         self.projector = MLP(self.backbone.out_dim, cfg.proj_hidden, cfg.proj_dim, bn=False)
         self.key_backbone = copy_as_target(self.backbone)
         self.key_projector = copy_as_target(self.projector)

@@ -28,14 +28,11 @@ shuffle_bn, zero_init_residual.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from pipelines.views import MOCOV2_AUG, CropSpec, ViewSpec, Views
 
-from ..backbones import build_backbone
-from ..common import (Queue, momentum_key, copy_as_target, ema_update, info_nce,
-                      info_nce_indexed)
-from ..heads import MLP
+from ..common import info_nce, info_nce_indexed
+from .mocov2 import MoCoV2
 
 
 def local_size(image_size: int, local_at_224: int = 96) -> int:
@@ -53,7 +50,8 @@ def pair_with_keys(q_other: torch.Tensor, q_local: torch.Tensor, batch: int) -> 
     return q, torch.arange(batch, device=q.device).repeat(q.shape[0] // batch)
 
 
-class MultiCrop(nn.Module):
+class MultiCrop(MoCoV2):
+    """MoCo v2's encoders, queue and momentum step; multi-crop views and loss."""
     name = "multicrop"
 
     @staticmethod
@@ -64,24 +62,6 @@ class MultiCrop(nn.Module):
         local = CropSpec("local", cfg.local_crops, local_size(cfg.image_size, cfg.local_size),
                          scale=tuple(cfg.local_scale), augs=(MOCOV2_AUG,))
         return ViewSpec(crops=(glob, local))
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.temperature = cfg.temperature
-        self.ema = cfg.ema
-        self.shuffle_bn = getattr(cfg, "shuffle_bn", True)
-        self.backbone = build_backbone(cfg.arch, cfg.small_stem,
-                                       zero_init_residual=getattr(cfg, "zero_init_residual", False))
-        self.projector = MLP(self.backbone.out_dim, cfg.proj_hidden, cfg.proj_dim, bn=False)
-        self.key_backbone = copy_as_target(self.backbone)
-        self.key_projector = copy_as_target(self.projector)
-        self.queue = Queue(cfg.proj_dim, cfg.queue_size) if cfg.queue_size > 0 else None
-
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.backbone(x)[1])  # B x proj_dim
-
-    def _key(self, x: torch.Tensor) -> torch.Tensor:
-        return momentum_key(self.key_backbone, self.key_projector, x, self.shuffle_bn)  # B x proj_dim
 
     def forward(self, views: Views) -> tuple[torch.Tensor, dict]:
         x1, x2 = views.crops["global"]  # each B x C x H x W, channels_last
@@ -106,8 +86,3 @@ class MultiCrop(nn.Module):
         if self.queue is not None and self.training:
             self.queue.enqueue(torch.cat([keys[1], keys[0]]))  # info_nce read a snapshot of the queue
         return loss, {"acc": acc.detach()}
-
-    @torch.no_grad()
-    def step_end(self, progress: float) -> None:
-        ema_update(self.key_backbone, self.backbone, self.ema)
-        ema_update(self.key_projector, self.projector, self.ema)

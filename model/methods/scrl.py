@@ -32,16 +32,14 @@ ema, global_weight.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from pipelines.views import BYOL_AUG_1, BYOL_AUG_2, CropSpec, PairSpec, ViewSpec, Views
 
-from ..backbones import build_backbone
-from ..common import byol_loss, copy_as_target, cosine_momentum, ema_update, roi_features
-from ..heads import MLP
+from ..common import byol_loss, roi_features
+from .byol import BYOL
 
 
-class SCRL(nn.Module):
+class SCRL(BYOL):
     name = "scrl"
 
     @staticmethod
@@ -56,15 +54,8 @@ class SCRL(nn.Module):
                         pairs=pairs)
 
     def __init__(self, cfg):
-        super().__init__()
-        self.base_ema = cfg.ema
+        super().__init__(cfg)  # BYOL's online and target networks, its decay schedule
         self.global_weight = float(getattr(cfg, "global_weight", 0.0))
-        self.register_buffer("tau", torch.tensor(float(cfg.ema)))
-        self.backbone = build_backbone(cfg.arch, cfg.small_stem)
-        self.projector = MLP(self.backbone.out_dim, cfg.proj_hidden, cfg.proj_dim)
-        self.predictor = MLP(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim)
-        self.target_backbone = copy_as_target(self.backbone)
-        self.target_projector = copy_as_target(self.projector)
 
     @staticmethod
     def rois(pair_boxes: torch.Tensor, batch: int) -> torch.Tensor:
@@ -106,10 +97,3 @@ class SCRL(nn.Module):
                 t = self.target_projector(t_pooled)
             loss = loss + self.global_weight * (byol_loss(g[:b], t[b:]) + byol_loss(g[b:], t[:b]))
         return loss, {"tau": self.tau.detach().clone(), "boxes": torch.tensor(float(p))}
-
-    @torch.no_grad()
-    def step_end(self, progress: float) -> None:
-        tau = cosine_momentum(self.base_ema, progress)
-        self.tau.fill_(tau)
-        ema_update(self.target_backbone, self.backbone, tau)
-        ema_update(self.target_projector, self.projector, tau)
