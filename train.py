@@ -21,6 +21,7 @@ import datetime
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,8 @@ import yaml  # noqa: E402
 ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT / "configs"
 # Flags that may differ between a run and its resumption.
-RESUMABLE_CHANGES = {"epochs", "max_steps", "linear_epochs", "pipeline", "workers", "knn_every", "log_every", "ckpt_every", "tensorboard",
+RESUMABLE_CHANGES = {"epochs", "max_steps", "linear_epochs", "pipeline", "workers", "knn_every", "log_every", "ckpt_every", "keep_every",
+                     "tensorboard",
                      "stop_after", "eval", "export", "compile", "cpu_graph", "device", "run_dir"}
 
 
@@ -69,6 +71,8 @@ def get_args_parser(method_defaults: dict | None = None) -> argparse.ArgumentPar
     p.add_argument("--knn-t", type=float, default=0.1)
     p.add_argument("--log-every", type=int, default=10, help="steps between JSON log lines")
     p.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps (0: at epoch ends)")
+    p.add_argument("--keep-every", type=int, default=0,
+                   help="also keep every N-th step's checkpoint as checkpoint-step<N>.pth (learning curves)")
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard in the run dir")
     p.add_argument("--max-steps", type=int, default=0, help="train N steps in all (schedules span them), even mid-epoch")
     p.add_argument("--stop-after", type=int, default=0, help="stop (as if killed) after N steps of this process")
@@ -180,6 +184,19 @@ def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def keep_checkpoint(path: Path, step: int) -> Path:
+    """checkpoint-step<step>.pth beside `path`: a hard link to the checkpoint
+    just written (a copy where links are not possible); the next os.replace
+    of `path` leaves it untouched."""
+    kept = path.with_name(f"checkpoint-step{step}.pth")
+    if not kept.exists():
+        try:
+            os.link(path, kept)
+        except OSError:
+            shutil.copyfile(path, kept)
+    return kept
 
 
 def load_checkpoint(path: Path, device) -> dict | None:
@@ -393,6 +410,8 @@ def run(argv: list[str]) -> int:
             save_checkpoint(ckpt_path, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "scaler": scaler.state_dict(), "loader": loader.state_dict(),
                                         "step": global_step, "epoch": loader.epoch, "config": config})
+            if cfg.keep_every and global_step % cfg.keep_every == 0:
+                keep_checkpoint(ckpt_path, global_step)
         if world > 1:
             dist.barrier()
 
@@ -447,7 +466,7 @@ def run(argv: list[str]) -> int:
                 write_log(record)
                 if not math.isfinite(record["loss"]):  # checked when logged: .item() syncs the GPU
                     raise RuntimeError(f"loss is {record['loss']} at step {global_step}; stopping")
-            if cfg.ckpt_every and global_step % cfg.ckpt_every == 0:
+            if any(every and global_step % every == 0 for every in (cfg.ckpt_every, cfg.keep_every)):
                 checkpoint()
             if cfg.stop_after and steps_this_process >= cfg.stop_after:
                 loader.close()

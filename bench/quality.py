@@ -3,6 +3,7 @@
     python bench/quality.py --budget short                       # every method, 2-core CPU, under an hour
     python bench/quality.py --budget full                        # a GPU: 100 epochs each
     python bench/quality.py --methods mocov2,byol --steps 20     # a shorter budget of your own
+    python bench/quality.py --methods byol --curve-every 25      # and kNN every 25 steps on the way
 
 Each method is pre-trained by running train.py in a subprocess, so the
 numbers come from exactly the command a user types (it is printed and
@@ -97,6 +98,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--curve-every", type=int, default=0,
+                   help="also kNN the checkpoint of every N-th step: a learning curve per method (0: final only)")
     p.add_argument("--train-args", default="", help="extra train.py flags for every method, one quoted string")
     p.add_argument("--runs", default=None, help="run directories go here, kept (default: a temporary folder)")
     p.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
@@ -193,6 +196,8 @@ def train_command(method: str, args, run_dir: Path, budget: dict, cfg) -> list:
            "--seed", str(args.seed), "--workers", str(args.workers)]
     if args.pipeline:
         cmd += ["--pipeline", args.pipeline]
+    if args.curve_every:
+        cmd += ["--keep-every", str(args.curve_every)]
     if args.device:
         cmd += ["--device", args.device]
     global_flags = {"max_steps"}
@@ -256,17 +261,33 @@ def load_checkpoint(path: Path) -> dict:
             return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_backbone(run_dir: Path, fresh: bool = False, seed: int = 0):
-    """(backbone, config) of the run in `run_dir`: the method rebuilt from the
-    checkpoint's config, then its weights (or left at a fresh init)."""
+def load_backbone(path: Path, fresh: bool = False, seed: int = 0):
+    """(backbone, config, checkpoint) of the train.py checkpoint at `path`: the
+    method rebuilt from the checkpoint's config, then its weights (or left at
+    a fresh init)."""
     from model.methods import METHODS
-    ckpt = load_checkpoint(run_dir / "checkpoint.pth")
+    ckpt = load_checkpoint(path)
     config = ckpt["config"]
     torch.manual_seed(seed)
     model = METHODS[config["method"]](argparse.Namespace(**config))
     if not fresh:
         model.load_state_dict(ckpt["model"])
     return model.backbone, config, ckpt
+
+
+def learning_curve(run_dir: Path, final_step: int, final_acc: float, knn) -> list:
+    """[[step, kNN top-1], ...] over the checkpoints train.py kept (--keep-every)
+    and the final one, in step order; `knn(backbone)` scores one backbone."""
+    curve = {final_step: final_acc}
+    for path in run_dir.glob("checkpoint-step*.pth"):
+        step = int(path.stem.removeprefix("checkpoint-step"))
+        if step not in curve:
+            curve[step] = knn(load_backbone(path)[0])
+    return [[step, curve[step]] for step in sorted(curve)]
+
+
+def curve_text(curve: list) -> str:
+    return ", ".join(f"{step}: {fmt_pct(acc)}" for step, acc in curve)
 
 
 def fmt_time(seconds) -> str:
@@ -317,6 +338,10 @@ def markdown(result: dict) -> str:
                      f"{fmt_pct(r.get('random_init_knn'))} | {fmt_pct(r.get('random_init_bn_as_initialised_knn'))} | "
                      f"{fmt_pct(r.get('raw_pixel_knn'))} | "
                      f"{fmt_time(r.get('train_seconds'))} | {r.get('device') or env['device']} |")
+    curves = [r for r in result["rows"] if r.get("curve")]
+    if curves:
+        lines += ["", "kNN top-1 along the way (step: top-1; the last is the table's):", ""]
+        lines += [f"- {r['method']}: {curve_text(r['curve'])}" for r in curves]
     notes = [r for r in result["rows"] if r.get("status") != "ok"]
     if notes:
         lines += [""] + [f"- {r['method']}: {r['status']}: {r.get('reason') or r.get('error')}" for r in notes]
@@ -379,7 +404,7 @@ def main(argv: list | None = None) -> int:
                     tail = (run_dir / "train.out").read_text(errors="replace").strip().splitlines()[-5:]
                     raise RuntimeError(f"train.py exited with {proc.returncode}: " + " | ".join(tail)[-600:])
                 t1 = time.perf_counter()
-                backbone, config, ckpt = load_backbone(run_dir)
+                backbone, config, ckpt = load_backbone(run_dir / "checkpoint.pth")
                 size, arch = config["image_size"], (config.get("arch"), config.get("small_stem"))
                 row.update(max_steps=config.get("max_steps"), epochs=config.get("epochs"),
                            batch_size=config.get("batch_size"), arch=arch[0], small_stem=arch[1], image_size=size,
@@ -389,10 +414,15 @@ def main(argv: list | None = None) -> int:
                     return lambda src: backbone_features(net, src, size, device, args.workers, args.amp)
                 row["knn_top1"] = evaluate(extract(backbone), bank_src, query_src, num_classes,
                                            args.knn_k, args.knn_t)
+                if args.curve_every:
+                    row["curve"] = learning_curve(run_dir, ckpt["step"], row["knn_top1"],
+                                                  lambda net: evaluate(extract(net), bank_src, query_src,
+                                                                       num_classes, args.knn_k, args.knn_t))
+                    print(f"[{name}] kNN along the way: {curve_text(row['curve'])}", flush=True)
                 row["eval_seconds"] = time.perf_counter() - t1
                 key = (*arch, size) if arch[0] else (name, size)
                 if key not in anchors:  # one random-init anchor per architecture and image size
-                    fresh, _, _ = load_backbone(run_dir, fresh=True, seed=args.seed)
+                    fresh, _, _ = load_backbone(run_dir / "checkpoint.pth", fresh=True, seed=args.seed)
                     print(f"[{name}] random-init anchor ({arch[0]}{' small stem' if arch[1] else ''}, {size} px)",
                           flush=True)
                     as_initialised = evaluate(extract(fresh), bank_src, query_src, num_classes, args.knn_k, args.knn_t)
@@ -426,7 +456,7 @@ def main(argv: list | None = None) -> int:
                                      + (f" (fixed random subset, seed {SUBSET_SEED + 1})"
                                         if len(query_src) < len(test_src) else ""),
                      "seed": args.seed, "workers": args.workers, "amp": args.amp, "image_size": image_size,
-                     "steps_override": args.steps, "epochs_override": args.epochs, "train_args": args.train_args},
+                     "curve_every": args.curve_every, "steps_override": args.steps, "epochs_override": args.epochs, "train_args": args.train_args},
         "rows": rows,
         "total_seconds": time.perf_counter() - t_start,
     }

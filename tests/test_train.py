@@ -45,6 +45,18 @@ def test_one_epoch_prints_knn(labelled_folder, tmp_path, method):
     assert ckpt["config"]["method"] == method
 
 
+def test_keep_every_keeps_each_nth_checkpoint(labelled_folder, tmp_path):
+    run = tmp_path / "run"
+    train("--method", "simclr", "--pipeline", "torchvision", "--data", str(labelled_folder), "--run-dir", str(run),
+          "--max-steps", "5", "--keep-every", "2", "--knn-every", "0", *TINY)
+    kept = sorted(p.name for p in run.glob("checkpoint-step*.pth"))
+    assert kept == ["checkpoint-step2.pth", "checkpoint-step4.pth"]
+    steps = [torch.load(run / name, weights_only=True)["step"] for name in kept]
+    assert steps == [2, 4] and torch.load(run / "checkpoint.pth", weights_only=True)["step"] == 5
+    final, early = (torch.load(run / name, weights_only=True)["model"] for name in ("checkpoint.pth", kept[0]))
+    assert any(not torch.equal(final[k], early[k]) for k in final)  # a kept file is its own step's weights
+
+
 def test_resume_after_kill_matches_uninterrupted_run(labelled_folder, tmp_path):
     common = ["--method", "mocov2", "--pipeline", "torchvision", "--data", str(labelled_folder), "--epochs", "2",
               "--queue-size", "32", "--knn-every", "0", "--ckpt-every", "2", *TINY]

@@ -219,14 +219,20 @@ def test_quality_end_to_end_with_train_py(labelled_folder, tmp_path):
     if "mocov2" not in methods.METHODS:
         pytest.skip("mocov2 is not registered yet")
     out = tmp_path / "out"
-    rc = quality.main(["--data", str(labelled_folder), "--methods", "mocov2,nosuch", "--steps", "1",
+    rc = quality.main(["--data", str(labelled_folder), "--methods", "mocov2,nosuch", "--steps", "3",
                        "--batch-size", "8", "--pipeline", "torchvision", "--workers", "0", "--knn-k", "10",
-                       "--train-args", "--queue-size 16 --image-size 16", "--out", str(out)])
+                       "--curve-every", "2", "--train-args", "--queue-size 16 --image-size 16",
+                       "--runs", str(tmp_path / "runs"), "--out", str(out)])
     assert rc == 0
     result = json.loads((out / "quality-short.json").read_text())
     row, skipped = result["rows"]
     assert row["status"] == "ok", row
-    assert row["trained_steps"] == 1 and 0 <= row["knn_top1"] <= 1
+    assert row["trained_steps"] == 3 and 0 <= row["knn_top1"] <= 1
     assert row["random_init_knn"] is not None and row["raw_pixel_knn"] > 0.5
     assert skipped["status"] == "skipped"
-    assert "| mocov2 | 1 steps x 8 |" in (out / "quality-short.md").read_text()
+    # the learning curve: the kept step-2 checkpoint, then the final step's figure
+    assert [step for step, _ in row["curve"]] == [2, 3] and row["curve"][-1][1] == row["knn_top1"]
+    assert 0 <= row["curve"][0][1] <= 1
+    assert "--keep-every 2" in row["command"]
+    table = (out / "quality-short.md").read_text()
+    assert "| mocov2 | 3 steps x 8 |" in table and "- mocov2: 2: " in table
