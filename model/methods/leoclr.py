@@ -28,16 +28,15 @@ queue_size, proj_dim, proj_hidden, ema, shuffle_bn, end_to_end.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from pipelines.views import MOCOV2_AUG, CropSpec, OriginalSpec, ViewSpec, Views
 
-from ..backbones import build_backbone
-from ..common import Queue, momentum_key, copy_as_target, ema_update, info_nce, nt_xent
-from ..heads import MLP
+from ..common import info_nce, nt_xent
+from .mocov2 import MoCoV2
 
 
-class LeOCLR(nn.Module):
+class LeOCLR(MoCoV2):
+    """MoCo v2's encoders, queue and momentum step (mocov2.py); its own views and loss."""
     name = "leoclr"
 
     @staticmethod
@@ -47,24 +46,10 @@ class LeOCLR(nn.Module):
         return ViewSpec(crops=(crops,), original=OriginalSpec(cfg.image_size, aug=MOCOV2_AUG))
 
     def __init__(self, cfg):
-        super().__init__()
-        self.temperature = cfg.temperature
-        self.ema = cfg.ema
+        super().__init__(cfg)
         self.end_to_end = bool(cfg.end_to_end)
-        self.shuffle_bn = getattr(cfg, "shuffle_bn", True)
-        self.backbone = build_backbone(cfg.arch, cfg.small_stem)
-        self.projector = MLP(self.backbone.out_dim, cfg.proj_hidden, cfg.proj_dim, bn=False)
-        self.key_backbone = self.key_projector = self.queue = None
-        if not self.end_to_end:
-            self.key_backbone = copy_as_target(self.backbone)
-            self.key_projector = copy_as_target(self.projector)
-            self.queue = Queue(cfg.proj_dim, cfg.queue_size) if cfg.queue_size > 0 else None
-
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.backbone(x)[1])  # B x proj_dim
-
-    def _key(self, x: torch.Tensor) -> torch.Tensor:
-        return momentum_key(self.key_backbone, self.key_projector, x, self.shuffle_bn)  # B x proj_dim
+        if self.end_to_end:  # the ablation has one encoder: no momentum copy, no queue
+            self.key_backbone = self.key_projector = self.queue = None
 
     def forward(self, views: Views) -> tuple[torch.Tensor, dict]:
         x = views.original                # B x C x H x W, the whole image
@@ -84,7 +69,5 @@ class LeOCLR(nn.Module):
 
     @torch.no_grad()
     def step_end(self, progress: float) -> None:
-        if self.end_to_end:
-            return
-        ema_update(self.key_backbone, self.backbone, self.ema)
-        ema_update(self.key_projector, self.projector, self.ema)
+        if not self.end_to_end:
+            super().step_end(progress)
