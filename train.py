@@ -39,9 +39,8 @@ import yaml  # noqa: E402
 ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT / "configs"
 # Flags that may differ between a run and its resumption.
-RESUMABLE_CHANGES = {"epochs", "max_steps", "linear_epochs", "pipeline", "workers", "knn_every", "log_every", "ckpt_every", "keep_every",
-                     "tensorboard",
-                     "stop_after", "eval", "export", "compile", "cpu_graph", "device", "run_dir"}
+RESUMABLE_CHANGES = {"epochs", "max_steps", "linear_epochs", "pipeline", "workers", "knn_every", "log_every",
+                     "ckpt_every", "keep_every", "tensorboard", "stop_after", "eval", "export", "compile", "cpu_graph", "device", "run_dir"}
 
 
 class UserError(Exception):

@@ -46,10 +46,9 @@ class LeOCLR(MoCoV2):
         return ViewSpec(crops=(crops,), original=OriginalSpec(cfg.image_size, aug=MOCOV2_AUG))
 
     def __init__(self, cfg):
-        super().__init__(cfg)
-        self.end_to_end = bool(cfg.end_to_end)
-        if self.end_to_end:  # the ablation has one encoder: no momentum copy, no queue
-            self.key_backbone = self.key_projector = self.queue = None
+        end_to_end = bool(cfg.end_to_end)  # the ablation has one encoder: no momentum copy, no queue
+        super().__init__(cfg, key_encoder=not end_to_end)
+        self.end_to_end = end_to_end
 
     def forward(self, views: Views) -> tuple[torch.Tensor, dict]:
         x = views.original                # B x C x H x W, the whole image

@@ -35,7 +35,8 @@ class MoCoV2(nn.Module):
         scale = (getattr(cfg, "crop_min_scale", 0.2), 1.0)
         return ViewSpec(crops=(CropSpec("global", 2, cfg.image_size, scale=scale, augs=(MOCOV2_AUG,)),))
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, key_encoder: bool = True):
+        # key_encoder=False: the query encoder alone (LeOCLR's end-to-end ablation)
         super().__init__()
         self.temperature = cfg.temperature
         self.ema = cfg.ema
@@ -44,9 +45,11 @@ class MoCoV2(nn.Module):
         self.backbone = build_backbone(cfg.arch, cfg.small_stem,
                                        zero_init_residual=getattr(cfg, "zero_init_residual", False))
         self.projector = MLP(self.backbone.out_dim, cfg.proj_hidden, cfg.proj_dim, bn=False)
-        self.key_backbone = copy_as_target(self.backbone)
-        self.key_projector = copy_as_target(self.projector)
-        self.queue = Queue(cfg.proj_dim, cfg.queue_size) if cfg.queue_size > 0 else None
+        self.key_backbone = self.key_projector = self.queue = None
+        if key_encoder:
+            self.key_backbone = copy_as_target(self.backbone)
+            self.key_projector = copy_as_target(self.projector)
+            self.queue = Queue(cfg.proj_dim, cfg.queue_size) if cfg.queue_size > 0 else None
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.backbone(x)[1])  # B x proj_dim
