@@ -140,11 +140,14 @@ def init_distributed(device_arg: str | None):
         rank, world, local = 0, 1, 0
     device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
-        device = torch.device("cuda", local)
+        # plain Slurm may give a task every GPU of its node, or only its own
+        device = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(device)
     if world > 1:
+        # device_id binds NCCL's communicator to this GPU at once (no guess on the first collective)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=30))
+                                timeout=datetime.timedelta(minutes=30),
+                                device_id=device if device.type == "cuda" else None)
     return rank, world, device
 
 

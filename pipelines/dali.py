@@ -4,9 +4,15 @@ Per step (batch B), in the graph:
 
     bytes ─► decoders.image (nvJPEG 'mixed' on the GPU, 'cpu' otherwise; RGB, EXIF applied), once
       └─► per view: resize of the plan's window (ROI, antialiased bilinear; mirrored by swapping x)
-            ─► colour jitter in the plan's order ─► grayscale ─► gaussian blur ─► solarize
-      └─► mosaic: cat each image's M tiles into a strip, multi_paste by the plan's paste table
-          (the band the jitter uncovers then takes the reference's MOSAIC_FILL, in torch)
+    GPU graph: that is all. After it, pipelines/colour.py's CUDA kernel renders
+      every view of a family in one launch on torch's current stream (colour
+      jitter in the plan's order, grayscale, blur, solarize, normalisation,
+      straight into the training tensor), and a second kernel pastes the
+      mosaics from the rendered tiles.
+    CPU graph: per view, the same maths compiled for the CPU (one Numba
+      operator: colour, then normalisation), then for the mosaic: cat each
+      image's M tiles into a strip, multi_paste by the plan's paste table
+      (the band the jitter uncovers then takes the reference's MOSAIC_FILL).
 
 Bytes and plan arrays enter through one batch-mode `fn.external_source`
 whose callback plans step s, reads its files and queues the plan. DALI
@@ -22,32 +28,21 @@ How the plan's semantics (pipelines/torchvision.py, PIL) are kept:
   with the decoder. A flip swaps the ROI's x ends: the resize mirrors. Interior
   pixels match PIL's resize within one level; DALI's outermost row and
   column may differ more, as it samples up to 0.4 px beyond the window.
-- CPU graph: everything after the resize is one Numba operator per view
-  that reproduces torchvision-on-PIL bit for bit: brightness, contrast
-  (about the rounded mean of the 'L' image), saturation (blend with 'L')
-  and hue (PIL's HSV round trip, shift in 1/255 of the circle), each
-  truncating like PIL's Image.blend, applied in the plan's order; 'L'
-  grayscale; torchvision's Gaussian as two 1-D passes (float32, reflect
-  borders, rounded: one level off on rare pixels from the summation order,
-  and 5x faster than DALI's CPU gaussian_blur); solarize.
-- GPU graph (no Numba CUDA here): DALI operators. Each of the four jitter
-  slots is one arithmetic expression a*x + b*L + d*mean(L) that is the
-  slot's brightness, contrast or saturation (identity otherwise; exact to
-  PIL but for rounding ties), then `color_twist(hue)`, a rotation in YIQ
-  space: hue is the one operation whose semantics differ from torchvision's
-  HSV shift (by ~10 levels on average at MoCo-v2's hue 0.1). Blur and
-  solarize run under DALI conditionals (`gaussian_blur`, reflect-101,
-  within one level; a lookup table). The mixed decoder upsamples chroma
-  like libjpeg-turbo.
-Operations whose AugSpec probability is 0 are left out of the graph.
+- Everything after the resize is pipelines/colour.py, one source of truth
+  for both targets, bit for bit with torchvision on PIL (blur within one
+  level on rare pixels, from the summation order). The mixed decoder
+  upsamples chroma like libjpeg-turbo.
+- `colour='dali'` (and a DALI without its Numba plugin) runs DALI's own CPU
+  colour operators instead: each jitter slot one arithmetic expression
+  a*x + b*L + d*mean(L), then `color_twist`'s hue, a rotation in YIQ that is
+  not torchvision's HSV shift; blur and solarize under DALI conditionals.
 
-Normalisation: the CPU graph's Numba operator ends every view by writing
-it normalised, float32 HWC, so that pass runs on DALI's threads instead of
-the training loop's (on 2 cores it was ~45% of the main thread's time); the
-mosaic is pasted from normalised tiles. The GPU graph (and colour='dali')
-hands out uint8 HWC, normalised by the loader's `normalize` (the torchvision
-pipeline's code) on the device. Either way every crops[name][i] is a
-channels_last [B, C, H, W] view of [count, B, H, W, C] memory.
+The GPU graph's outputs are bound to torch's current stream (DALI's dynamic
+executor), copied contiguously on it (one copy kernel per view) into
+buffers whose shape and dtype are checked first. The CPU graph's outputs go
+to pinned memory when the training device is a GPU, so their copy is
+asynchronous. Every crops[name][i] is a channels_last [B, C, H, W] view of
+[count, B, H, W, C] memory.
 """
 from __future__ import annotations
 
@@ -62,21 +57,26 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
+from . import colour
 from .base import PipelineError, PlannedLoader
 from .plan import BatchPlan, CropPlan
 from .torchvision import MOSAIC_FILL
-from .views import MEAN, STD, AugSpec, Views
+from .views import AugSpec, Views
 
 # Subtracted before DALI's round-to-nearest conversion to uint8 so that it
 # truncates like PIL's Image.blend.
 _TRUNC = 0.499
 _SOLARIZE = [i if i < 128 else 255 - i for i in range(256)]
-# The CPU operator's per-view parameter vector (float32).
-_P_JITTER, _P_ORDER, _P_B, _P_C, _P_S, _P_H, _P_GRAY, _P_SIGMA, _P_KERNEL, _P_SOLARIZE = 0, 1, 5, 6, 7, 8, 9, 10, 11, 12
-_P_LEN = 13
-# x * scale + shift = (x / 255 - MEAN) / STD, in float32 as PlannedLoader.normalize computes it.
-_MEAN255, _STD255 = np.asarray(MEAN, np.float32) * np.float32(255), np.asarray(STD, np.float32) * np.float32(255)
-_NORM_SCALE, _NORM_SHIFT = np.float32(1) / _STD255, -_MEAN255 / _STD255
+# nvJPEG on H100/H200 (DALI's ImageNet examples): the hardware decoder takes
+# nearly every image, and buffers sized for ImageNet-scale photos are
+# allocated once, up front, instead of growing during the first steps.
+_GPU_DECODER = dict(hw_decoder_load=0.99, preallocate_width_hint=5980, preallocate_height_hint=6430,
+                    device_memory_padding=211025920, host_memory_padding=140544512)
+# How each graph renders colour: 'numba' (CPU graph, the Numba operator in
+# the graph), 'dali' (CPU graph, DALI's colour operators: the fallback
+# without DALI's Numba plugin), 'cuda' (GPU graph: decode and resize only;
+# pipelines/colour.py's kernel renders every view after it).
+_MODES = ("numba", "dali", "cuda")
 
 
 # ---------------------------------------------------------------- static layout
@@ -125,10 +125,12 @@ class _View:
     v: int
     aug: AugSpec
 
-    def keys(self, native: bool) -> list:
+    def keys(self, mode: str) -> list:
         a, k = self.aug, f"{self.g}.{self.v}."
         keys = [k + "start", k + "end"]
-        if not native:  # the CPU operator runs on every view: it also normalises
+        if mode == "cuda":  # the graph only decodes and resizes
+            return keys
+        if mode == "numba":  # the CPU operator runs on every view: it also normalises
             return keys + [k + "p"]
         if a.jitter_p > 0:
             keys += [k + f"{p}{i}" for i in range(4) for p in "abdh"]
@@ -160,9 +162,9 @@ class _Feed:
     epoch, reads its files and returns every graph input; the plan waits in
     `plans` until the batch rendered from it is taken out."""
 
-    def __init__(self, planner, source, groups, views, keys, native):
+    def __init__(self, planner, source, groups, views, keys, mode):
         self.planner, self.source = planner, source
-        self.groups, self.views, self.keys, self.native = groups, views, keys, native
+        self.groups, self.views, self.keys, self.mode = groups, views, keys, mode
         self.plans = collections.deque()
         self.epoch, self.step, self.stop = 0, 0, True
 
@@ -184,12 +186,15 @@ class _Feed:
         for g, group in enumerate(self.groups):
             cp = group.plan(plan)
             arr = _window_arrays(cp, width, height)
-            arr.update(_native_arrays(cp) if self.native else {"p": _cpu_params(cp, group)})
+            if self.mode == "numba":
+                arr["p"] = colour.view_params(cp, group.augs, group.size)
+            elif self.mode == "dali":
+                arr.update(_native_arrays(cp))
             for view in self.views[g]:
                 skip = len(f"{g}.{view.v}.")
-                for key in view.keys(self.native):
+                for key in view.keys(self.mode):
                     out[key] = arr[key[skip:]][view.v]
-            if group.kind == "mosaic":
+            if group.kind == "mosaic" and self.mode != "cuda":
                 out.update(_paste_arrays(plan.mosaic, group.size))
         return out
 
@@ -203,21 +208,6 @@ def _window_arrays(cp: CropPlan, width, height) -> dict:
     start = np.stack([top / height, x0 / width], axis=-1)
     end = np.stack([(top + h) / height, x1 / width], axis=-1)
     return {"start": np.clip(start, 0, 1).astype(np.float32), "end": np.clip(end, 0, 1).astype(np.float32)}
-
-
-def _cpu_params(cp: CropPlan, group: _Group) -> np.ndarray:
-    """float32 [count, B, 13] for the CPU operator (layout: the _P_* columns)."""
-    p = np.zeros(cp.window.shape[:2] + (_P_LEN,), np.float32)
-    p[..., _P_JITTER] = cp.jitter
-    p[..., _P_ORDER:_P_ORDER + 4] = cp.order
-    p[..., _P_B:_P_H] = cp.factors[..., :3]
-    # torchvision's PIL hue shift: int32(h * 255) mod 256 steps of H
-    p[..., _P_H] = (cp.factors[..., 3].astype(np.float64) * 255).astype(np.int32) & 255
-    p[..., _P_GRAY] = cp.gray
-    p[..., _P_SIGMA] = cp.sigma
-    p[..., _P_KERNEL] = np.array([a.blur_kernel(group.size) for a in group.augs], np.float32)[:, None]
-    p[..., _P_SOLARIZE] = cp.solarize
-    return p
 
 
 def _native_arrays(cp: CropPlan) -> dict:
@@ -254,18 +244,19 @@ def _paste_arrays(mosaic, crop: int) -> dict:
 
 # ---------------------------------------------------------------- the graph
 @pipeline_def(enable_conditionals=True)
-def _graph(feed: _Feed, gpu: bool, cpu_op):
+def _graph(feed: _Feed, cpu_op):
     keys = feed.keys
     inputs = dict(zip(keys, fn.external_source(source=feed, num_outputs=len(keys), batch=True,
                                                 dtype=[_type(k)[0] for k in keys],
                                                 ndim=[_type(k)[1] for k in keys])))
     # fancy upsampling: nvJPEG's chroma upsampling as libjpeg-turbo's (the CPU graph's and PIL's)
-    image = (fn.decoders.image(inputs["bytes"], device="mixed", output_type=types.RGB, jpeg_fancy_upsampling=True)
-             if gpu else fn.decoders.image(inputs["bytes"], device="cpu", output_type=types.RGB))
+    image = (fn.decoders.image(inputs["bytes"], device="mixed", output_type=types.RGB, jpeg_fancy_upsampling=True,
+                               **_GPU_DECODER)
+             if feed.mode == "cuda" else fn.decoders.image(inputs["bytes"], device="cpu", output_type=types.RGB))
     outputs = []
     for g, group in enumerate(feed.groups):
-        views = [_view(image, inputs, view, group.size, feed.native, gpu, cpu_op) for view in feed.views[g]]
-        if group.kind != "mosaic":
+        views = [_view(image, inputs, view, group.size, feed.mode, cpu_op) for view in feed.views[g]]
+        if group.kind != "mosaic" or feed.mode == "cuda":  # the kernel pastes the GPU graph's tiles
             outputs.extend(views)
             continue
         strip = fn.cat(*views, axis=0) if len(views) > 1 else views[0]  # [M * s, s, 3]
@@ -275,14 +266,16 @@ def _graph(feed: _Feed, gpu: bool, cpu_op):
     return tuple(outputs)
 
 
-def _view(image, inputs: dict, view: _View, size: int, native: bool, gpu: bool, cpu_op):
-    """One view of every sample: [s, s, 3] uint8 HWC."""
+def _view(image, inputs: dict, view: _View, size: int, mode: str, cpu_op):
+    """One view of every sample: [s, s, 3] HWC, uint8 (float32, normalised, from the Numba operator)."""
     k = f"{view.g}.{view.v}."
     x = fn.resize(image, size=[size, size], roi_start=inputs[k + "start"], roi_end=inputs[k + "end"],
                   roi_relative=True, interp_type=types.INTERP_LINEAR, antialias=True)
-    if not native:  # the operator's output has no layout; later operators need HWC
+    if mode == "cuda":
+        return x
+    if mode == "numba":  # the operator's output has no layout; later operators need HWC
         return fn.reshape(cpu_op(x, inputs[k + "p"]), layout="HWC")
-    x = _native_colour(x, inputs, k, gpu)
+    x = _native_colour(x, inputs, k)
     if k + "sigma" in inputs:
         window = view.aug.blur_kernel(size)
         if k + "blur" in inputs:
@@ -301,23 +294,22 @@ def _view(image, inputs: dict, view: _View, size: int, native: bool, gpu: bool, 
     return x
 
 
-def _native_colour(x, inputs: dict, k: str, gpu: bool):
-    """The four jitter slots, then grayscale, with DALI operators (when the AugSpec has them)."""
+def _native_colour(x, inputs: dict, k: str):
+    """The four jitter slots, then grayscale, with DALI's CPU operators (when
+    the AugSpec has them). Hue is `color_twist`'s YIQ rotation, not
+    torchvision's HSV shift: this path is the fallback for a DALI without its
+    Numba plugin, not the definition of the views."""
     from nvidia.dali import math as dmath
-
-    def arg(name):  # per-sample scalars enter GPU arithmetic as GPU tensors
-        node = inputs[k + name]
-        return node.gpu() if gpu else node
 
     if k + "a0" in inputs:
         for i in range(4):
             luma = fn.color_space_conversion(x, image_type=types.RGB, output_type=types.GRAY)
             centre = dmath.floor(fn.reductions.mean(luma) + 0.5)
-            mixed = arg(f"a{i}") * x + arg(f"b{i}") * luma + arg(f"d{i}") * centre - _TRUNC
+            mixed = inputs[k + f"a{i}"] * x + inputs[k + f"b{i}"] * luma + inputs[k + f"d{i}"] * centre - _TRUNC
             x = fn.color_twist(fn.cast(mixed, dtype=types.UINT8), hue=inputs[k + f"h{i}"])
     if k + "g" in inputs:
         luma = fn.color_space_conversion(x, image_type=types.RGB, output_type=types.GRAY)
-        g = arg("g")  # 0 or 1: exact either way
+        g = inputs[k + "g"]  # 0 or 1: exact either way
         x = fn.cast(g * luma + (1.0 - g) * x, dtype=types.UINT8)
     return x
 
@@ -327,17 +319,10 @@ def _fill_uncovered(canvas: torch.Tensor, shift: np.ndarray, fill: torch.Tensor)
     `fill`, the reference's MOSAIC_FILL in the canvas's dtype (normalised
     when the canvas is). canvas [B, S, S, 3]; shift [B, 2] (dx, dy). A CPU
     canvas is filled in place, band only (a masked select over the whole
-    canvas cost more than the rest of the main thread's work)."""
-    if canvas.device.type == "cpu":
-        _fill_band(canvas.numpy(), np.ascontiguousarray(shift, np.int64), fill.to(canvas.dtype).numpy())
-        return canvas
-    s = canvas.shape[1]
-    d = torch.as_tensor(shift, dtype=torch.int64).to(canvas.device)
-    at = torch.arange(s, device=canvas.device)
-    rows = (at >= d[:, 1:].clamp(min=0)) & (at < s + d[:, 1:].clamp(max=0))  # [B, S]
-    cols = (at >= d[:, :1].clamp(min=0)) & (at < s + d[:, :1].clamp(max=0))
-    covered = (rows[:, :, None] & cols[:, None, :])[..., None]
-    return torch.where(covered, canvas, fill.to(canvas.device))
+    canvas cost more than the rest of the main thread's work). The GPU
+    graph's canvases are pasted and filled by colour.paste_mosaics instead."""
+    _fill_band(canvas.numpy(), np.ascontiguousarray(shift, np.int64), fill.to(canvas.dtype).numpy())
+    return canvas
 
 
 @numba.njit(cache=True, nogil=True)
@@ -358,10 +343,12 @@ def _fill_band(canvas, shift, fill):
 
 # ---------------------------------------------------------------- the loader
 class DaliLoader(PlannedLoader):
-    """The plan rendered by DALI: the GPU graph (nvJPEG, GPU operators) when
-    the loader's device is CUDA, else, or with `cpu=True`, the CPU graph
-    (its tensors then move to the device). `colour='dali'` makes the CPU
-    graph use the GPU graph's DALI colour operators (for tests)."""
+    """The plan rendered by DALI: the GPU graph (nvJPEG decode and the crop
+    windows' resize, then pipelines/colour.py's CUDA kernel) when the
+    loader's device is CUDA; else, or with `cpu=True`, the CPU graph (its
+    tensors then move to the device, from pinned memory). `colour='dali'`
+    makes the CPU graph use DALI's own colour operators (the fallback
+    without DALI's Numba plugin; hue differs from torchvision's)."""
     name = "dali"
     capabilities = frozenset({"crops", "asymmetric", "original", "mosaic", "pairs"})
 
@@ -375,21 +362,30 @@ class DaliLoader(PlannedLoader):
         self.device_id = None
         if self.gpu:
             self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        if colour == "numba" and (self.gpu or _cpu_operator() is None):
-            raise PipelineError("dali: colour='numba' needs the CPU graph and DALI's Numba plugin")
-        self.native = colour == "dali" or self.gpu or _cpu_operator() is None
+        if colour != "auto" and self.gpu:
+            raise PipelineError(f"dali: colour={colour!r} is a CPU-graph option; the GPU graph's colour is the "
+                                "CUDA kernel's")
+        if colour == "numba" and _cpu_operator() is None:
+            raise PipelineError("dali: colour='numba' needs DALI's Numba plugin")
+        self.mode = "cuda" if self.gpu else "dali" if colour == "dali" or _cpu_operator() is None else "numba"
         self._groups = _groups(spec)
         self._views = [[_View(g, v, a) for v, a in enumerate(group.augs)] for g, group in enumerate(self._groups)]
-        self._keys = ["bytes"] + [k for views in self._views for view in views for k in view.keys(self.native)]
-        if spec.mosaic is not None:
-            self._keys += _MOSAIC_KEYS
         self._pipe, self._feed, self._token = None, None, None
 
     # -- the graph's lifetime -------------------------------------------------
+    def _pipeline(self):
+        """The graph, not yet built. The GPU graph runs on DALI's dynamic
+        executor, whose outputs can be bound to torch's stream (no host wait)."""
+        keys = ["bytes"] + [k for views in self._views for view in views for k in view.keys(self.mode)]
+        if self.spec.mosaic is not None and self.mode != "cuda":
+            keys += _MOSAIC_KEYS
+        self._feed = _Feed(self.planner, self.source, self._groups, self._views, keys, self.mode)
+        extra = {"exec_dynamic": True} if self.gpu else {}
+        return _graph(self._feed, _cpu_operator() if self.mode == "numba" else None, batch_size=self.batch_size,
+                      num_threads=max(1, self.workers), device_id=self.device_id, prefetch_queue_depth=2, **extra)
+
     def _build(self):
-        self._feed = _Feed(self.planner, self.source, self._groups, self._views, self._keys, self.native)
-        pipe = _graph(self._feed, self.gpu, None if self.native else _cpu_operator(), batch_size=self.batch_size,
-                      num_threads=max(1, self.workers), device_id=self.device_id, prefetch_queue_depth=2)
+        pipe = self._pipeline()
         pipe.build()
         self._pipe = pipe
 
@@ -422,302 +418,119 @@ class DaliLoader(PlannedLoader):
         pipe, feed = self._pipe, self._feed
         while True:
             try:
-                outputs = pipe.run()
+                # the GPU graph's outputs are bound to torch's current stream, without a host wait
+                outputs = pipe.run(torch.cuda.current_stream(self.device_id)) if self.gpu else pipe.run()
             except StopIteration:
                 return
             except Exception:
                 if self._token is token:
                     self.close()  # DALI cannot go on after an error: the next iteration rebuilds
                 raise
-            yield self._views_of(feed.plans.popleft(), outputs)
+            plan = feed.plans.popleft()
+            yield self._gpu_views(plan, outputs) if self.gpu else self._cpu_views(plan, outputs)
             if self._token is not token:
                 raise RuntimeError("dali: this iteration was superseded by a newer one over the same loader")
 
-    def _views_of(self, plan: BatchPlan, outputs) -> Views:
+    def _gpu_views(self, plan: BatchPlan, outputs) -> Views:
+        """Each family's tiles copied contiguously on torch's stream, then
+        coloured and normalised by the CUDA kernel into the training tensors."""
         views = self.bookkeeping(plan)
-        device = torch.device("cuda", self.device_id) if self.gpu else torch.device("cpu")
-        # the CPU operator's outputs are normalised float32 already
-        normalised = not self.native
+        stream = torch.cuda.current_stream(self.device_id).cuda_stream
+        i = 0
+        for group in self._groups:
+            tiles = torch.empty((group.count, self.batch_size, group.size, group.size, 3), dtype=torch.uint8,
+                                device=self.device)
+            for v in range(group.count):
+                _copy_out(outputs[i + v], tiles[v], stream)
+            i += group.count
+            self._place(views, group, render_group(group, plan, tiles, self.dtype))
+        return views
+
+    def _cpu_views(self, plan: BatchPlan, outputs) -> Views:
+        views = self.bookkeeping(plan)
+        # the Numba operator's outputs are normalised float32 already; pinned
+        # host memory makes the copy to a GPU truly asynchronous
+        normalised = self.mode == "numba"
         finish = self._to_training if normalised else self.normalize
+        pinned = self.device.type == "cuda"
         i = 0
         for group in self._groups:
             n, s = group.outputs, group.out_size
             pixels = torch.empty((n, self.batch_size, s, s, 3), dtype=torch.float32 if normalised else torch.uint8,
-                                 device=device)
+                                 pin_memory=pinned)
             for v in range(n):
-                self._copy(outputs[i + v], pixels[v])
+                _copy_out(outputs[i + v], pixels[v])
             i += n
-            if group.kind == "crops":
-                views.crops[group.name] = finish(pixels)
-            elif group.kind == "original":
-                views.original = finish(pixels[0])
-            else:
+            if group.kind == "mosaic":
                 fill = torch.tensor(MOSAIC_FILL, dtype=torch.uint8)
                 if normalised:
-                    fill = torch.from_numpy(fill.numpy() * _NORM_SCALE + _NORM_SHIFT)
-                views.mosaic = finish(_fill_uncovered(pixels[0], plan.mosaic.shift, fill))
+                    fill = _normalised(fill)
+                pixels = _fill_uncovered(pixels[0], plan.mosaic.shift, fill)
+            self._place(views, group, finish(pixels))
         return views
 
+    def _place(self, views: Views, group: _Group, pixels: torch.Tensor) -> None:
+        """A family's [n, B, C, H, W] (the mosaic's [B, C, S, S]) into Views."""
+        if group.kind == "crops":
+            views.crops[group.name] = pixels
+        elif group.kind == "original":
+            views.original = pixels[0]
+        else:
+            views.mosaic = pixels
+
     def _to_training(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised float32 [..., H, W, C] -> [..., C, H, W] in the training dtype and device."""
+        """Normalised [..., H, W, C] -> [..., C, H, W] in the training dtype and device."""
         return pixels.to(self.device, self.dtype, non_blocking=True).movedim(-1, -3)
 
-    def _copy(self, batch, dest: torch.Tensor):
-        """An output TensorList into a contiguous tensor of its shape."""
-        ptr = ctypes.c_void_p(dest.data_ptr())
-        if self.gpu:
-            batch.copy_to_external(ptr, torch.cuda.current_stream(dest.device).cuda_stream, non_blocking=True)
-        else:
-            batch.copy_to_external(ptr)
+
+def _normalised(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 values normalised in float32 exactly as the colour kernels do."""
+    return torch.from_numpy(pixels.numpy() * colour.NORM_SCALE + colour.NORM_SHIFT)
+
+
+def render_group(group: _Group, plan: BatchPlan, tiles: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What follows the GPU graph for one view family: resized tiles uint8
+    [count, B, s, s, 3] (overwritten) -> normalised [count, B, 3, s, s]
+    (the mosaic: canvases [B, 3, S, S]) in `dtype`, channels_last. On CPU
+    tensors this runs the same kernels in Numba's CUDA simulator (tests)."""
+    n, batch, s = tiles.shape[0], tiles.shape[1], tiles.shape[2]
+    # the kernels write float32 or float16; bfloat16 takes one conversion pass after them
+    kernel_dtype = dtype if dtype in (torch.float32, torch.float16) else torch.float32
+    out = torch.empty((n, batch, s, s, 3), dtype=kernel_dtype, device=tiles.device)
+    params = colour.view_params(group.plan(plan), group.augs, s).reshape(n * batch, colour.P_LEN)
+    colour.render_views(tiles.view(n * batch, s, s, 3), params, out.view(n * batch, s, s, 3))
+    if group.kind == "mosaic":
+        canvas = torch.empty((batch, group.out_size, group.out_size, 3), dtype=kernel_dtype, device=tiles.device)
+        colour.paste_mosaics(out, plan.mosaic, _normalised(torch.tensor(MOSAIC_FILL, dtype=torch.uint8)), canvas)
+        out = canvas
+    return out.to(dtype).movedim(-1, -3)
+
+
+_TORCH_TYPES = {types.UINT8: torch.uint8, types.FLOAT: torch.float32}
+
+
+def _copy_out(batch, dest: torch.Tensor, stream: int | None = None) -> None:
+    """An output TensorList into `dest`, a contiguous tensor of its shape:
+    checked first, as a raw copy of the wrong size writes out of bounds. A
+    GPU copy goes on `stream` (a cudaStream_t, wrapped as DALI reads it:
+    through ctypes.c_void_p's value; a bare int would fall back to the
+    legacy default stream) as one kernel even when the batch's samples are
+    not contiguous."""
+    shapes = [tuple(s) for s in batch.shape()]
+    if len(shapes) != dest.shape[0] or any(s != tuple(dest.shape[1:]) for s in shapes):
+        raise RuntimeError(f"dali: an output of {len(shapes)} samples shaped {sorted(set(shapes))} cannot fill "
+                           f"a tensor of {tuple(dest.shape)}")
+    if _TORCH_TYPES.get(batch.dtype) != dest.dtype or not dest.is_contiguous():
+        raise RuntimeError(f"dali: an output of {batch.dtype} cannot fill a {dest.dtype} tensor "
+                           f"(contiguous: {dest.is_contiguous()})")
+    ptr = ctypes.c_void_p(dest.data_ptr())
+    if stream is None:
+        batch.copy_to_external(ptr)
+    else:
+        batch.copy_to_external(ptr, ctypes.c_void_p(stream), non_blocking=True, use_copy_kernel=True)
 
 
 # ---------------------------------------------------------------- the CPU operator
-# torchvision's ops on PIL images redone with Pillow's own arithmetic
-# (Blend.c, Convert.c, ImageEnhance) and torchvision's Gaussian: float32
-# where they compute in float, float64 where Pillow mixes in double
-# literals, truncation where it casts. Checked against PIL on all 2**24
-# colours (the HSV round trip) and on photos (blends, blur).
-
-@numba.njit(cache=True, inline="always")
-def _luma(r, g, b):
-    """PIL's RGB -> 'L' (ITU-R 601-2, fixed point, rounded)."""
-    return (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16
-
-
-@numba.njit(cache=True, inline="always")
-def _blend(base, value, alpha):
-    """Image.blend(base, value, alpha) of one channel value, as Pillow: the
-    float result truncated, clipped only when alpha leaves [0, 1]."""
-    v = np.float32(base) + alpha * np.float32(value - base)
-    if alpha >= 0 and alpha <= 1:
-        return np.uint8(int(v))
-    if v <= 0.0:
-        return np.uint8(0)
-    if v >= 255.0:
-        return np.uint8(255)
-    return np.uint8(int(v))
-
-
-@numba.njit(cache=True)
-def _brightness(x, alpha):
-    h, w, _ = x.shape
-    for i in range(h):
-        for j in range(w):
-            for c in range(3):
-                x[i, j, c] = _blend(0, np.int64(x[i, j, c]), alpha)
-
-
-@numba.njit(cache=True)
-def _contrast(x, alpha):
-    """ImageEnhance.Contrast: blend with the 'L' image's mean, rounded."""
-    h, w, _ = x.shape
-    total = 0
-    for i in range(h):
-        for j in range(w):
-            total += _luma(np.int64(x[i, j, 0]), np.int64(x[i, j, 1]), np.int64(x[i, j, 2]))
-    mean = np.int64(total / (h * w) + 0.5)
-    for i in range(h):
-        for j in range(w):
-            for c in range(3):
-                x[i, j, c] = _blend(mean, np.int64(x[i, j, c]), alpha)
-
-
-@numba.njit(cache=True)
-def _saturation(x, alpha):
-    """ImageEnhance.Color: blend with the pixel's 'L' value."""
-    h, w, _ = x.shape
-    for i in range(h):
-        for j in range(w):
-            lum = _luma(np.int64(x[i, j, 0]), np.int64(x[i, j, 1]), np.int64(x[i, j, 2]))
-            for c in range(3):
-                x[i, j, c] = _blend(lum, np.int64(x[i, j, c]), alpha)
-
-
-@numba.njit(cache=True, inline="always")
-def _rgb_to_hsv(r, g, b):
-    """Pillow's rgb2hsv_row for one pixel (uint8 H, S, V)."""
-    maxc = max(r, max(g, b))
-    minc = min(r, min(g, b))
-    if minc == maxc:
-        return np.int64(0), np.int64(0), maxc
-    cr = np.float32(maxc - minc)
-    s = cr / np.float32(maxc)
-    rc = np.float32(maxc - r) / cr
-    gc = np.float32(maxc - g) / cr
-    bc = np.float32(maxc - b) / cr
-    if r == maxc:
-        h = bc - gc
-    elif g == maxc:
-        h = np.float32(2.0 + np.float64(rc) - np.float64(bc))
-    else:
-        h = np.float32(4.0 + np.float64(gc) - np.float64(rc))
-    hh = np.float64(h) / 6.0 + 1.0
-    h = np.float32(hh - math.floor(hh))
-    return (np.int64(min(max(int(np.float64(h) * 255.0), 0), 255)),
-            np.int64(min(max(int(np.float64(s) * 255.0), 0), 255)), maxc)
-
-
-@numba.njit(cache=True, inline="always")
-def _round_clip(v):
-    return np.uint8(min(max(int(math.floor(v + 0.5)), 0), 255))
-
-
-@numba.njit(cache=True)
-def _hue(x, shift):
-    """torchvision's PIL adjust_hue: H += shift (mod 256) in PIL's HSV."""
-    hgt, wid, _ = x.shape
-    for i in range(hgt):
-        for j in range(wid):
-            h, s, v = _rgb_to_hsv(np.int64(x[i, j, 0]), np.int64(x[i, j, 1]), np.int64(x[i, j, 2]))
-            if s == 0:
-                continue  # grey: the round trip returns it unchanged
-            h = (h + shift) & 255
-            # Pillow's hsv2rgb
-            sector = int(math.floor(h * 6.0 / 255.0))
-            f = np.float32(h * 6.0 / 255.0 - sector)
-            fs = np.float32(s / 255.0)
-            vv = np.uint8(v)
-            p = _round_clip(v * (1.0 - fs))
-            q = _round_clip(v * (1.0 - fs * f))
-            t = _round_clip(v * (1.0 - fs * (1.0 - f)))
-            sector %= 6
-            if sector == 0:
-                r, g, b = vv, t, p
-            elif sector == 1:
-                r, g, b = q, vv, p
-            elif sector == 2:
-                r, g, b = p, vv, t
-            elif sector == 3:
-                r, g, b = p, q, vv
-            elif sector == 4:
-                r, g, b = t, p, vv
-            else:
-                r, g, b = vv, p, q
-            x[i, j, 0], x[i, j, 1], x[i, j, 2] = r, g, b
-
-
-@numba.njit(cache=True)
-def _grayscale(x):
-    h, w, _ = x.shape
-    for i in range(h):
-        for j in range(w):
-            lum = np.uint8(_luma(np.int64(x[i, j, 0]), np.int64(x[i, j, 1]), np.int64(x[i, j, 2])))
-            x[i, j, 0], x[i, j, 1], x[i, j, 2] = lum, lum, lum
-
-
-@numba.njit(cache=True)
-def _gaussian(k, sigma):
-    """torchvision's _get_gaussian_kernel1d in float32 (x = -r..r, exact)."""
-    r = (k - 1) // 2
-    w = np.empty(k, np.float32)
-    total = np.float32(0)
-    for i in range(k):
-        t = np.float32(i - r) / np.float32(sigma)
-        w[i] = np.float32(math.exp(np.float32(-0.5) * t * t))
-        total += w[i]
-    for i in range(k):
-        w[i] /= total
-    return w
-
-
-@numba.njit(cache=True, inline="always")
-def _reflect(i, n):
-    """torch's 'reflect' padding (edge not repeated; DALI's reflect-101)."""
-    if i < 0:
-        return -i
-    if i >= n:
-        return 2 * n - 2 - i
-    return i
-
-
-@numba.njit(cache=True)
-def _blur(x, k, sigma):
-    """torchvision's gaussian_blur (k x k, reflect borders, float32, then
-    rounded) as two 1-D passes: its 2-D kernel is their outer product."""
-    h, w, c = x.shape
-    r = k // 2
-    wt = _gaussian(k, sigma)
-    rows = np.empty((h, w * c), np.float32)
-    padded = np.empty((w + 2 * r) * c, np.float32)
-    for y in range(h):
-        for i in range(-r, w + r):
-            src = _reflect(i, w)
-            for ch in range(c):
-                padded[(i + r) * c + ch] = x[y, src, ch]
-        out = rows[y]
-        out[:] = 0
-        for j in range(k):
-            kj, off = wt[j], j * c
-            for i in range(w * c):
-                out[i] += kj * padded[off + i]
-    acc = np.empty(w * c, np.float32)
-    for y in range(h):
-        acc[:] = 0
-        for j in range(k):
-            kj, src = wt[j], rows[_reflect(y + j - r, h)]
-            for i in range(w * c):
-                acc[i] += kj * src[i]
-        for i in range(w):
-            for ch in range(c):
-                # torch.round: half to even, as np.rint
-                x[y, i, ch] = np.uint8(min(max(np.rint(acc[i * c + ch]), 0), 255))
-
-
-@numba.njit(cache=True)
-def _solarize(x):
-    h, w, _ = x.shape
-    for i in range(h):
-        for j in range(w):
-            for c in range(3):
-                if x[i, j, c] >= 128:
-                    x[i, j, c] = 255 - x[i, j, c]
-
-
-@numba.njit(cache=True)
-def augment(out, image, p):
-    """All that follows the resize, for one view of one sample, as
-    pipelines.torchvision.render_view: out = image after colour jitter in
-    the order p[1:5] (0 brightness, 1 contrast, 2 saturation, 3 hue) when
-    p[0], grayscale when p[9], a p[11]-tap blur of sigma p[10] when p[10] > 0,
-    solarize when p[12]. out, image: (H, W, 3) uint8; p: `_cpu_params`."""
-    out[:] = image
-    if p[_P_JITTER] > 0.5:
-        for k in range(4):
-            op = int(p[_P_ORDER + k])
-            if op == 0:
-                _brightness(out, p[_P_B])
-            elif op == 1:
-                _contrast(out, p[_P_C])
-            elif op == 2:
-                _saturation(out, p[_P_S])
-            else:
-                _hue(out, np.int64(p[_P_H]))
-    if p[_P_GRAY] > 0.5:
-        _grayscale(out)
-    if p[_P_SIGMA] > 0:
-        _blur(out, int(p[_P_KERNEL]), p[_P_SIGMA])
-    if p[_P_SOLARIZE] > 0.5:
-        _solarize(out)
-
-
-@numba.njit(cache=True)
-def render(out, image, p):
-    """The CPU operator's whole work for one view of one sample: `augment`
-    (skipped, with its copy, when p asks for nothing), then normalisation
-    into out: (H, W, 3) float32; image: (H, W, 3) uint8."""
-    if p[_P_JITTER] > 0.5 or p[_P_GRAY] > 0.5 or p[_P_SIGMA] > 0 or p[_P_SOLARIZE] > 0.5:
-        src = np.empty_like(image)
-        augment(src, image, p)
-    else:
-        src = image
-    h, w, _ = src.shape
-    scale, shift = _NORM_SCALE, _NORM_SHIFT
-    for y in range(h):
-        for x in range(w):
-            for c in range(3):
-                out[y, x, c] = np.float32(src[y, x, c]) * scale[c] + shift[c]
-
-
 # DALI's numba_function operator calls C functions of the signatures below
 # (see nvidia/dali/plugin/numba); its Python wrapper compiles new ones for
 # every operator it makes (seconds each), so ours are compiled once, cached
@@ -739,7 +552,7 @@ def _run(out_ptr, out_shapes_ptr, out_ndims_ptr, num_outs, in_ptr, in_shapes_ptr
     shape = numba.carray(_void_ptr(shapes[0]), 3, dtype=np.int64)
     image = numba.carray(_void_ptr(ins[0]), (shape[0], shape[1], shape[2]), dtype=np.uint8)
     out = numba.carray(_void_ptr(outs[0]), (shape[0], shape[1], shape[2]), dtype=np.float32)
-    render(out, image, numba.carray(_void_ptr(ins[1]), _P_LEN, dtype=np.float32))
+    colour.render(out, image, numba.carray(_void_ptr(ins[1]), colour.P_LEN, dtype=np.float32))
 
 
 def _setup(out_shapes_ptr, out_ndims_ptr, num_outs, in_shapes_ptr, in_ndims_ptr, num_ins, num_samples):

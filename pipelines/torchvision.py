@@ -50,9 +50,13 @@ def render_view(img, plan: CropPlan, v: int, b: int) -> np.ndarray:
         buf = np.empty((3, size, size), np.uint8)
         out.copyto(buf)
         out = Image.fromarray(buf.transpose(1, 2, 0))
+    aug = plan.augs[v if len(plan.augs) > 1 else 0]
     if plan.jitter[v, b]:
         bright, contrast, sat, hue = (float(x) for x in plan.factors[v, b])
+        strength = (aug.brightness, aug.contrast, aug.saturation, aug.hue)
         for op in plan.order[v, b]:
+            if strength[op] == 0:  # ColorJitter leaves it out; PIL's adjust_hue(0) is a lossy round trip
+                continue
             if op == 0:
                 out = F.adjust_brightness(out, bright)
             elif op == 1:
@@ -64,7 +68,7 @@ def render_view(img, plan: CropPlan, v: int, b: int) -> np.ndarray:
     if plan.gray[v, b]:
         out = F.rgb_to_grayscale(out, num_output_channels=3)
     if plan.sigma[v, b] > 0:
-        k = plan.augs[v if len(plan.augs) > 1 else 0].blur_kernel(size)
+        k = aug.blur_kernel(size)
         sigma = float(plan.sigma[v, b])
         out = F.gaussian_blur(out, [k, k], [sigma, sigma])
     if plan.solarize[v, b]:

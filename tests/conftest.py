@@ -1,10 +1,18 @@
 """Shared test fixtures: tiny real image data built in temporary directories."""
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+# Without a GPU, numba.cuda is Numba's CUDA simulator, so the CUDA kernels of
+# pipelines/colour.py run in the tests (it must be chosen before numba loads).
+if "NUMBA_ENABLE_CUDASIM" not in os.environ:
+    import torch
+    if not torch.cuda.is_available():
+        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

@@ -17,8 +17,10 @@ pytest.importorskip("nvidia.dali")
 
 from pipelines import build
 from pipelines.data import open_source
-from pipelines.views import (BYOL_AUG_1, BYOL_AUG_2, MOCOV2_AUG, CropSpec, MosaicSpec, OriginalSpec, PairSpec,
-                             ViewSpec)
+from pipelines.views import (BYOL_AUG_1, BYOL_AUG_2, MEAN, MOCOV2_AUG, STD, AugSpec, CropSpec, MosaicSpec, OriginalSpec,
+                             PairSpec, ViewSpec)
+
+from PIL import Image
 
 from tests.conftest import make_image_folder
 
@@ -160,14 +162,6 @@ def test_a_newer_iteration_takes_over(source):
         next(old)
 
 
-def test_dali_colour_operators_on_the_cpu(source):
-    """colour='dali' runs the GPU graph's colour operators on the CPU graph."""
-    spec = ViewSpec(crops=(CropSpec("global", 2, 16, augs=(BYOL_AUG_2,)),), original=OriginalSpec(12))
-    views = next(iter(loader(spec, source, colour="dali")))
-    check_image_batch(views.crops["global"][1], 16, torch.float32)
-    check_image_batch(views.original, 12, torch.float32)
-
-
 # ---------------------------------------------------------------- the GPU graph
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -186,61 +180,157 @@ def test_gpu_graph_views(name, source):
         assert g[0].mosaic.device.type == "cuda" and g[0].mosaic_rois.device.type == "cuda"
 
 
+@pytest.fixture(scope="module")
+def png_source(tmp_path_factory):
+    """Lossless photos: nvJPEG's IDCT cannot differ from libjpeg-turbo's on them."""
+    root = tmp_path_factory.mktemp("png") / "train"
+    make_image_folder(root, per_class=8)
+    for path in root.rglob("*.jpg"):
+        Image.open(path).save(path.with_suffix(".png"))
+        path.unlink()
+    return open_source(str(root), cache_dir=str(tmp_path_factory.mktemp("pngcache")), progress=False)
+
+
 @pytest.mark.gpu
 @gpu
-def test_gpu_graph_matches_cpu_graph(source):
-    """nvJPEG and the GPU operators against the CPU graph: no colour jitter
-    (hue differs by design), so decode, resize, flip, grayscale, blur and
-    solarize must agree to a few levels (nvJPEG's IDCT and chroma
-    upsampling differ from libjpeg-turbo's by a level or two)."""
-    aug = dataclasses.replace(MOCOV2_AUG, jitter_p=0.0, solarize_p=0.3)
-    spec = ViewSpec(crops=(CropSpec("global", 2, 16, augs=(aug,)),), mosaic=MosaicSpec(crop_size=8, jitter=3, aug=aug))
-    g = next(iter(loader(spec, source, cpu=False, device="cuda")))
-    c = next(iter(loader(spec, source, cpu=True)))
-    std = 255 * 0.229
-    for x, y in zip(pixels(g), pixels(c)):
-        d = (x.cpu().float() - y.float()).abs() * std  # in levels
-        assert float(d.mean()) < 2.0
-        assert float(torch.quantile(d.flatten(), 0.99)) < 12
+@pytest.mark.parametrize("name", ["byol", "multicrop", "original", "mosaic"])
+def test_gpu_graph_matches_cpu_graph(name, png_source):
+    """The GPU graph (DALI's GPU resize, then the CUDA colour kernel) against
+    the CPU graph (DALI's CPU resize, then the same maths compiled for the
+    CPU), every operation on, hue included. The decode is identical (PNG)
+    and the colour maths is bit for bit (tests/pipelines/test_colour.py), so
+    what differs is the two resizes' rounding, carried through the colour
+    operations: a mean under 1 level, and 99% of values within 6."""
+    spec = SPECS[name]
+    g = next(iter(loader(spec, png_source, cpu=False, device="cuda", seed=2)))
+    c = next(iter(loader(spec, png_source, cpu=True, seed=2)))
+    for x, y in zip(pixels(g), pixels(c), strict=True):
+        d = (levels(x.cpu()) - levels(y)).abs().float()
+        assert float(d.mean()) < 1.0, name
+        assert float(torch.quantile(d.flatten(), 0.99)) <= 6, name
 
 
-# ---------------------------------------------------------------- the CPU operator
-def test_cpu_operator_is_torchvision_bit_for_bit():
-    """The Numba operator against pipelines.torchvision.render_view on the
-    same pixels (a full-image window at the image's own size: PIL's resize
-    is then a copy): jitter in every order, grayscale and solarize exactly;
-    blur within one level on a few pixels (float summation order)."""
-    from PIL import Image
+@pytest.mark.gpu
+@gpu
+def test_gpu_views_under_a_side_stream(source):
+    """Rendering on a side stream gives the default stream's pixels: DALI's
+    outputs, the copies and the kernels all follow torch's current stream."""
+    spec = SPECS["mosaic"]
+    want = epoch(loader(spec, source, cpu=False, device="cuda", seed=4), limit=3)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        got = epoch(loader(spec, source, cpu=False, device="cuda", seed=4), limit=3)
+        got = [[t.clone() for t in pixels(v)] for v in got]  # consumed on the side stream
+    side.synchronize()
+    for x, y in zip(got, want, strict=True):
+        for a, b in zip(x, pixels(y), strict=True):
+            assert torch.equal(a, b)
 
-    from pipelines import dali as D
-    from pipelines.plan import CropPlan
-    from pipelines.torchvision import render_view
 
-    rng = np.random.default_rng(0)
-    count, batch, size = 3, 16, 40
-    y, x = np.mgrid[0:size, 0:size] / 15.0
-    images = [np.clip(np.stack([128 + 110 * np.sin(rng.uniform(1, 3) * x + rng.uniform(0, 6) * y + rng.uniform(0, 6))
-                                for _ in range(3)], -1) + rng.normal(0, 15, (size, size, 3)), 0, 255).astype(np.uint8)
-              for _ in range(batch)]
-    order = np.stack([np.stack([rng.permutation(4) for _ in range(batch)]) for _ in range(count)]).astype(np.int8)
-    factors = np.stack([rng.uniform(0, 2, (count, batch)), rng.uniform(0, 2, (count, batch)),
-                        rng.uniform(0, 2, (count, batch)), rng.uniform(-0.5, 0.5, (count, batch))], -1)
-    blurred = rng.random((count, batch)) < 0.3
-    cp = CropPlan(window=np.tile(np.array([0, 0, size, size], np.int32), (count, batch, 1)),
-                  flip=np.zeros((count, batch), bool), jitter=rng.random((count, batch)) < 0.9,
-                  factors=factors.astype(np.float32), order=order, gray=rng.random((count, batch)) < 0.3,
-                  sigma=np.where(blurred, rng.uniform(0.1, 2.0, (count, batch)), 0).astype(np.float32),
-                  solarize=rng.random((count, batch)) < 0.3, size=size,
-                  augs=(MOCOV2_AUG, dataclasses.replace(MOCOV2_AUG, blur_kernel_frac=0.2), MOCOV2_AUG))
-    group = D._Group("crops", "global", count, size, cp.augs)
-    params = D._cpu_params(cp, group)
-    for v in range(count):
-        for b in range(batch):
-            want = render_view(Image.fromarray(images[b]), cp, v, b)
-            got = np.empty_like(images[b])
-            D.augment(got, images[b], params[v, b])
-            diff = np.abs(got.astype(np.int16) - want)
-            if blurred[v, b]:
-                assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (v, b)
-            else:
-                assert diff.max() == 0, (v, b, cp.order[v, b], cp.factors[v, b])
+@pytest.mark.parametrize("name", ["multicrop", "original", "mosaic", "pairs"])
+def test_gpu_graph_traced_without_cuda(name, source):
+    """The GPU graph, traced on the CPU (DALI builds it with a device id and
+    no CUDA): nvJPEG, then one resize per view and nothing else on the GPU;
+    every argument input is a CPU node; no colour arithmetic is left."""
+    import collections
+
+    spec = SPECS[name]
+    ld = loader(spec, source)
+    ld.gpu, ld.mode, ld.device_id = True, "cuda", 0  # as a loader on a CUDA device sets them
+    pipe = ld._pipeline()
+    pipe._build_graph()
+    kinds = collections.Counter()
+    for op in pipe._ops:
+        kind = op._op._schema.Name()
+        kinds[kind] += 1
+        regular = op.spec.NumRegularInput()
+        for arg in list(op.inputs)[regular:]:
+            assert arg.device == "cpu", (kind, arg.name)
+        if kind == "decoders__Image":
+            assert op._op._device == "mixed"
+        elif kind != "ExternalSource":
+            assert kind == "Resize" and op._op._device == "gpu", kind
+    views = sum(c.count for c in spec.crops) + (spec.original is not None) + \
+        (spec.mosaic.crops_per_image if spec.mosaic else 0)
+    # per view: its resize and the two external-source outputs of its window
+    assert kinds == {"decoders__Image": 1, "Resize": views, "ExternalSource": 1 + 2 * views}
+    assert len(pipe._ops) == 2 + 3 * views
+
+
+class _RecordingBatch:
+    """A GPU TensorList's copy interface, recording what it is handed."""
+
+    def __init__(self, shape, count, dtype):
+        from nvidia.dali import types
+        self._shapes, self.dtype, self.calls = [shape] * count, getattr(types, dtype), []
+
+    def shape(self):
+        return self._shapes
+
+    def copy_to_external(self, ptr, stream=None, non_blocking=False, use_copy_kernel=False):
+        self.calls.append((ptr, stream, non_blocking, use_copy_kernel))
+
+
+def test_gpu_copies_go_on_the_given_stream_as_one_kernel():
+    """DALI reads a stream through ctypes.c_void_p's value: a bare int would
+    silently send the copy to the legacy default stream, racing torch's."""
+    import ctypes
+
+    from pipelines.dali import _copy_out
+    dest = torch.empty((4, 6, 6, 3), dtype=torch.uint8)
+    batch = _RecordingBatch((6, 6, 3), 4, "UINT8")
+    _copy_out(batch, dest, stream=0x5EED)
+    (ptr, stream, non_blocking, kernel), = batch.calls
+    assert isinstance(ptr, ctypes.c_void_p) and ptr.value == dest.data_ptr()
+    assert isinstance(stream, ctypes.c_void_p) and stream.value == 0x5EED
+    assert non_blocking and kernel
+
+
+def test_raw_copies_check_shape_and_dtype_first():
+    from nvidia.dali.tensors import TensorListCPU
+
+    from pipelines.dali import _copy_out
+    batch = TensorListCPU(np.arange(4 * 5 * 5 * 3, dtype=np.uint8).reshape(4, 5, 5, 3))
+    dest = torch.empty((4, 5, 5, 3), dtype=torch.uint8)
+    _copy_out(batch, dest)
+    assert torch.equal(dest, torch.from_numpy(np.asarray(batch.as_tensor())))
+    for bad in (torch.empty((4, 5, 6, 3), dtype=torch.uint8), torch.empty((3, 5, 5, 3), dtype=torch.uint8),
+                torch.empty((4, 5, 5, 3), dtype=torch.float32), torch.empty((4, 5, 5, 6), dtype=torch.uint8)[..., :3]):
+        with pytest.raises(RuntimeError, match="cannot fill"):
+            _copy_out(batch, bad)
+
+
+# ---------------------------------------------------------------- colour='dali' against the reference
+# DALI's own CPU colour operators (the fallback without DALI's Numba plugin)
+# against the Numba operator, which is torchvision bit for bit
+# (tests/pipelines/test_colour.py): one operation at a time, always on,
+# tolerances in levels (max, mean). Hue is left out: color_twist rotates in
+# YIQ, not in PIL's HSV.
+ONLY = dict(flip_p=0.0, jitter_p=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, grayscale_p=0.0,
+            blur_p=0.0, solarize_p=0.0)
+DALI_COLOUR = {  # measured on these images (2026-11-30): brightness 1 / 0.0002, contrast 1 / 0.0014, the rest 0 / 0
+    "brightness": (dict(jitter_p=1.0, brightness=0.6), 1, 0.01),
+    "contrast": (dict(jitter_p=1.0, contrast=0.6), 2, 0.02),
+    "saturation": (dict(jitter_p=1.0, saturation=0.6), 1, 0.01),
+    "grayscale": (dict(grayscale_p=1.0), 1, 0.01),
+    "blur": (dict(blur_p=1.0), 1, 0.05),
+    "solarize": (dict(solarize_p=1.0), 0, 0.0),
+}
+
+
+@pytest.mark.parametrize("op", DALI_COLOUR)
+def test_dali_colour_operators_against_the_reference(op, source):
+    settings, worst, mean = DALI_COLOUR[op]
+    aug = AugSpec(**{**ONLY, **settings})
+    spec = ViewSpec(crops=(CropSpec("global", 2, 16, augs=(aug,)),), original=OriginalSpec(12, aug))
+    dali = next(iter(loader(spec, source, colour="dali", seed=5)))
+    exact = next(iter(loader(spec, source, colour="numba", seed=5)))
+    for x, y in zip(pixels(dali), pixels(exact), strict=True):
+        d = (levels(x) - levels(y)).abs().float()
+        assert float(d.max()) <= worst, (op, float(d.max()))
+        assert float(d.mean()) <= mean, (op, float(d.mean()))
+
+
+def levels(x: torch.Tensor) -> torch.Tensor:
+    """Normalised [..., C, H, W] back to integer levels."""
+    return (x.float() * torch.tensor(STD).view(3, 1, 1) * 255 + torch.tensor(MEAN).view(3, 1, 1) * 255).round()
