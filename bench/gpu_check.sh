@@ -54,11 +54,12 @@ fi
 if [ "$dry" = 1 ]; then
   device=dry-run-cpu
 else
-  name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
-  if [ -z "$name" ]; then
-    echo "gpu_check: no GPU (nvidia-smi found none); --dry-run checks the script on a CPU" >&2; exit 2
+  # the results folder's name as bench/throughput.py gives it ('nvidia-h200')
+  device=$(python3 -c "import sys, torch; sys.path.insert(0, 'bench'); from throughput import device_slug
+print(device_slug(torch.device('cuda')) if torch.cuda.is_available() else '')" 2>/dev/null | tail -n 1)
+  if [ -z "$device" ]; then
+    echo "gpu_check: torch sees no GPU here; --dry-run checks the script on a CPU" >&2; exit 2
   fi
-  device=$(echo "$name" | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9]+/-/g; s/^-|-$//g')
 fi
 dest="$out/$device"
 mkdir -p "$dest" || { echo "gpu_check: cannot write $dest" >&2; exit 2; }
@@ -91,7 +92,8 @@ if [ "$dry" = 1 ]; then
     --photos 16 --synthetic-jpegs --out "$dest"
 else
   step throughput 420 throughput.txt python3 bench/throughput.py --pipelines dali,torchvision --methods mocov2,mosrep \
-    --parts pipeline,model,e2e --warmup 5 --steps 10 --repeats 3 --out "$dest" ${data:+--data "$data"}
+    --parts pipeline,model,e2e --warmup 5 --steps 10 --repeats 3 --out "$dest" \
+    $([ -n "$data" ] && echo --data "$data" || echo --synthetic-jpegs)
 fi
 
 echo "== summary ($dest)"

@@ -27,4 +27,4 @@ def test_bad_arguments_get_one_line_and_exit_2(tmp_path):
                               timeout=60)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, args
     proc = subprocess.run(["bash", str(SCRIPT), "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "no GPU" in proc.stderr  # without --dry-run on a machine with no GPU
+    assert proc.returncode == 2 and "sees no GPU" in proc.stderr  # without --dry-run on a machine with no GPU
