@@ -70,9 +70,10 @@ def view_params(cp, augs, size: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- the maths, once
-def _pixel_ops(jit, mul, add, dmul):
+def _pixel_ops(jit, mul, add, dmul, rint):
     """Per-pixel functions compiled by `jit` over the target's float32
-    multiply and add (`mul`, `add`) and float64 multiply (`dmul`)."""
+    multiply and add (`mul`, `add`), float64 multiply (`dmul`) and float32
+    round-half-to-even (`rint`)."""
 
     @jit
     def luma(r, g, b):
@@ -159,11 +160,7 @@ def _pixel_ops(jit, mul, add, dmul):
     @jit
     def round_even_clip(v):
         """torch.round (half to even) of a float32 sum, clipped to uint8."""
-        r = math.floor(v)
-        d = np.float64(v) - np.float64(r)
-        if d > 0.5 or (d == 0.5 and r % 2 == 1):
-            r += 1
-        return np.uint8(min(max(r, 0), 255))
+        return np.uint8(min(max(rint(v), np.float32(0)), np.float32(255)))
 
     @jit
     def solarize(v):
@@ -201,7 +198,12 @@ def _add(a, b):
     return a + b
 
 
-_CPU = _pixel_ops(_cpu_jit, _mul, _add, _mul)
+@_cpu_jit
+def _rint(v):
+    return np.rint(v)
+
+
+_CPU = _pixel_ops(_cpu_jit, _mul, _add, _mul, _rint)
 _luma, _blend, _hue_pixel, _tap = _CPU.luma, _CPU.blend, _CPU.hue, _CPU.tap
 _round_even_clip, _solarize_value, _normalise, _reflect = (_CPU.round_even_clip, _CPU.solarize, _CPU.normalise,
                                                            _CPU.reflect)
@@ -287,7 +289,7 @@ def _blur(x, k, sigma):
     r = k // 2
     wt = gaussian(k, sigma)
     rows = np.empty((h, w * c), np.float32)
-    padded = np.empty((w + 2 * r) * c, np.uint8)
+    padded = np.empty((w + 2 * r) * c, np.float32)  # converted once, not once per tap
     for y in range(h):
         for i in range(-r, w + r):
             src = _reflect(i, w)
@@ -391,10 +393,11 @@ def _cuda_kernels():
     device = cuda.jit(device=True)
     if _simulated():
         mul, add, dmul = device(lambda a, b: a * b), device(lambda a, b: a + b), device(lambda a, b: a * b)
+        rint = device(lambda v: np.float32(np.rint(v)))
     else:
         from numba.cuda import libdevice
-        mul, add, dmul = libdevice.fmul_rn, libdevice.fadd_rn, libdevice.dmul_rn
-    ops = _pixel_ops(device, mul, add, dmul)
+        mul, add, dmul, rint = libdevice.fmul_rn, libdevice.fadd_rn, libdevice.dmul_rn, libdevice.rintf
+    ops = _pixel_ops(device, mul, add, dmul, rint)
     luma, blend, centre, hue, tap = ops.luma, ops.blend, ops.contrast_centre, ops.hue, ops.tap
     round_even_clip, solarize, normalise, reflect = ops.round_even_clip, ops.solarize, ops.normalise, ops.reflect
     threads = THREADS
