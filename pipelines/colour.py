@@ -281,7 +281,7 @@ def gaussian(k, sigma):
 
 
 @numba.njit(cache=True)
-def _blur(x, k, sigma):
+def blur(x, k, sigma):
     """torchvision's gaussian_blur (k x k, reflect borders, float32, then
     rounded) as two 1-D passes: its 2-D kernel is their outer product. Each
     output sums its taps in the same order on both targets."""
@@ -344,7 +344,7 @@ def augment(out, image, p):
     if p[P_GRAY] > 0.5:
         _grayscale(out)
     if p[P_SIGMA] > 0:
-        _blur(out, int(p[P_KERNEL]), p[P_SIGMA])
+        blur(out, int(p[P_KERNEL]), p[P_SIGMA])
     if p[P_SOLARIZE] > 0.5:
         _solarize(out)
 

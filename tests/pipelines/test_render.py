@@ -173,20 +173,23 @@ def only(**kw) -> AugSpec:
 
 
 # operation -> (AugSpec, bound on the mean |diff|, bound on its 99.9th percentile), in levels, over
-# the interior pixels. The CPU graph's colour operator is bit-exact to torchvision's PIL ops; what
-# remains is the resizes' one-level rounding differences, stretched by the operations. The most by
-# the hue step, which every jitter runs (torchvision's reference applies adjust_hue even for a
-# shift of 0): PIL's HSV round trip quantises H and S, so one level in can become several out.
+# the interior pixels. The CPU graph's colour operator is bit-exact to the reference (blur
+# included: both blur with pipelines/colour.py's separable pass); what remains is the resizes'
+# one-level rounding differences, stretched by the operations. The most by hue: PIL's HSV round
+# trip quantises H and S, so one level in can become several out. Measured 2026-11-30 (mean,
+# p99.9): brightness, contrast, saturation 0.13-0.16, 2; hue 0.25, 5; grayscale, blur, solarize
+# 0.11-0.15, 1; mocov2 and byol_view2 0.18-0.19, 5. (Before the reference skipped operations of
+# strength 0 as ColorJitter does, every jitter ran adjust_hue(0) and the bounds were 0.3, 8.)
 COLOUR = {
-    "brightness": (only(jitter_p=1.0, brightness=0.4), 0.3, 8),
-    "contrast": (only(jitter_p=1.0, contrast=0.4), 0.3, 8),
-    "saturation": (only(jitter_p=1.0, saturation=0.4), 0.3, 8),
-    "hue": (only(jitter_p=1.0, hue=0.1), 0.35, 8),
-    "grayscale": (only(grayscale_p=1.0), 0.25, 1),
-    "blur": (only(blur_p=1.0, blur_kernel_frac=0.2), 0.25, 1),
-    "solarize": (only(solarize_p=1.0), 0.25, 1),
-    "mocov2": (MOCOV2_AUG, 0.35, 8),
-    "byol_view2": (BYOL_AUG_2, 0.35, 8),
+    "brightness": (only(jitter_p=1.0, brightness=0.4), 0.2, 2),
+    "contrast": (only(jitter_p=1.0, contrast=0.4), 0.2, 2),
+    "saturation": (only(jitter_p=1.0, saturation=0.4), 0.2, 2),
+    "hue": (only(jitter_p=1.0, hue=0.1), 0.3, 6),
+    "grayscale": (only(grayscale_p=1.0), 0.2, 1),
+    "blur": (only(blur_p=1.0, blur_kernel_frac=0.2), 0.15, 1),
+    "solarize": (only(solarize_p=1.0), 0.2, 1),
+    "mocov2": (MOCOV2_AUG, 0.25, 6),
+    "byol_view2": (BYOL_AUG_2, 0.25, 6),
 }
 
 
@@ -220,18 +223,18 @@ def test_colour_operations_agree(photos):
 
 @needs_both
 def test_dali_colour_operators_agree_but_for_hue(photos):
-    """The GPU graph's DALI colour operators, run on the CPU graph: exact to
-    PIL but for rounding ties, except hue: a YIQ rotation in DALI, an HSV
-    shift in PIL. Hue strength 0 still leaves torchvision's adjust_hue(0),
-    an HSV round trip that moves saturated pixels by up to ~7 levels, where
-    DALI's rotation by 0 is the identity: hence the looser jitter bounds."""
+    """DALI's own colour operators (colour='dali', the CPU graph's fallback
+    without the Numba plugin): exact to PIL but for rounding ties, except
+    hue, a YIQ rotation in DALI and an HSV shift in PIL, so hue is off here.
+    Measured 2026-11-30: jitter mean 0.13, p99 1, max 3; the rest mean 0.14,
+    p99.9 1, max 2 (the resizes' rounding carried through)."""
     jitter = dataclasses.replace(MOCOV2_AUG, hue=0.0, solarize_p=0.3)
     spec = ViewSpec(crops=(CropSpec("jitter", 2, 32, augs=(jitter,)),
                            CropSpec("rest", 2, 32, augs=(dataclasses.replace(jitter, jitter_p=0.0),))))
     d = colour_diffs(spec, photos, colour="dali")
-    assert d["jitter"].mean() <= 1.0 and np.percentile(d["jitter"], 99) <= 8, d["jitter"].mean()
+    assert d["jitter"].mean() <= 0.2 and np.percentile(d["jitter"], 99) <= 2, d["jitter"].mean()
     # grayscale, blur and solarize alone: within a level
-    assert d["rest"].mean() <= 0.25 and np.percentile(d["rest"], 99.9) <= 2, d["rest"].mean()
+    assert d["rest"].mean() <= 0.2 and np.percentile(d["rest"], 99.9) <= 2, d["rest"].mean()
 
 
 # ---------------------------------------------------------------- 3. awkward files
