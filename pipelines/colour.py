@@ -83,15 +83,11 @@ def _pixel_ops(jit, mul, add, dmul, rint):
     @jit
     def blend(base, value, alpha):
         """Image.blend(base, value, alpha) of one channel value (int64, int64,
-        float32): the float result truncated, clipped only when alpha leaves [0, 1]."""
+        float32): the float result truncated, clipped. (Pillow clips only when
+        alpha leaves [0, 1]; inside it the result lies in [0, 255] anyway, and
+        without the branch the CPU loops vectorise.)"""
         v = add(np.float32(base), mul(alpha, np.float32(value - base)))
-        if alpha >= 0 and alpha <= 1:
-            return np.uint8(int(v))
-        if v <= 0.0:
-            return np.uint8(0)
-        if v >= 255.0:
-            return np.uint8(255)
-        return np.uint8(int(v))
+        return np.uint8(min(max(int(v), 0), 255))
 
     @jit
     def contrast_centre(total, count):
@@ -212,11 +208,9 @@ _contrast_centre = _CPU.contrast_centre
 
 @numba.njit(cache=True)
 def _brightness(x, alpha):
-    h, w, _ = x.shape
-    for i in range(h):
-        for j in range(w):
-            for c in range(3):
-                x[i, j, c] = _blend(np.int64(0), np.int64(x[i, j, c]), alpha)
+    flat = x.reshape(-1)  # one loop over every value vectorises; x is contiguous
+    for i in range(flat.size):
+        flat[i] = _blend(np.int64(0), np.int64(flat[i]), alpha)
 
 
 @numba.njit(cache=True)
@@ -228,21 +222,19 @@ def _contrast(x, alpha):
         for j in range(w):
             total += _luma(np.int64(x[i, j, 0]), np.int64(x[i, j, 1]), np.int64(x[i, j, 2]))
     mean = _contrast_centre(total, np.int64(h * w))
-    for i in range(h):
-        for j in range(w):
-            for c in range(3):
-                x[i, j, c] = _blend(mean, np.int64(x[i, j, c]), alpha)
+    flat = x.reshape(-1)
+    for i in range(flat.size):
+        flat[i] = _blend(mean, np.int64(flat[i]), alpha)
 
 
 @numba.njit(cache=True)
 def _saturation(x, alpha):
     """ImageEnhance.Color: blend with the pixel's 'L' value."""
-    h, w, _ = x.shape
-    for i in range(h):
-        for j in range(w):
-            lum = _luma(np.int64(x[i, j, 0]), np.int64(x[i, j, 1]), np.int64(x[i, j, 2]))
-            for c in range(3):
-                x[i, j, c] = _blend(lum, np.int64(x[i, j, c]), alpha)
+    px = x.reshape(-1, 3)
+    for i in range(px.shape[0]):
+        lum = _luma(np.int64(px[i, 0]), np.int64(px[i, 1]), np.int64(px[i, 2]))
+        for c in range(3):
+            px[i, c] = _blend(lum, np.int64(px[i, c]), alpha)
 
 
 @numba.njit(cache=True)

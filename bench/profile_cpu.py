@@ -1,0 +1,188 @@
+"""Where a sample's CPU time goes in DALI's CPU graph, stage by stage, on one thread.
+
+    python bench/profile_cpu.py                      # the three recipes, 512 photos, batch 64
+    python bench/profile_cpu.py --recipes byol --batches 8
+
+For each recipe (bench/throughput.py's RECIPES), milliseconds of one core
+per whole sample (all its views), each stage timed on its own:
+
+  plan        the Numba planner (batch plan / B)
+  read        reading the files' bytes
+  decode      DALI's CPU decoder (a graph that only decodes)
+  resize      every view's window resize (a graph that decodes and resizes, less decode)
+  <op>        each colour operation of pipelines/colour.py on the real resized views
+              with the plan's parameters (only the views the plan gives it)
+  normalise   the operator's final pass to float32
+  graph       the whole CPU graph (DALI's numba operator, mosaic paste), one thread
+  loader      DaliLoader end to end on one thread (graph + copies out + Python)
+
+The stages add up to roughly `graph`; `loader` - `graph` is the copies and
+Python around it. Samples/s on N cores is at most N * 1000 / loader.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.throughput import RECIPES, describe, prepare_data  # noqa: E402
+from pipelines import colour  # noqa: E402
+from pipelines.dali import DaliLoader  # noqa: E402
+
+OPS = {"brightness": 0, "contrast": 1, "saturation": 2, "hue": 3}
+
+
+def per_sample(fn, samples: int, repeats: int = 3) -> float:
+    """Median ms per sample of fn() (which handles `samples` samples)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times) / samples
+
+
+def graph_only(loader: DaliLoader, views: bool):
+    """A one-thread graph over the loader's feed that decodes (and resizes) only."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    loader._pipeline()  # sets up the feed
+    feed = loader._feed
+    keys = feed.keys
+
+    @pipeline_def
+    def graph():
+        inputs = dict(zip(keys, fn.external_source(source=feed, num_outputs=len(keys), batch=True,
+                                                    dtype=[_type(k)[0] for k in keys],
+                                                    ndim=[_type(k)[1] for k in keys])))
+        image = fn.decoders.image(inputs["bytes"], device="cpu", output_type=types.RGB)
+        if not views:
+            return image
+        outs = []
+        for g, group in enumerate(feed.groups):
+            for view in feed.views[g]:
+                k = f"{view.g}.{view.v}."
+                outs.append(fn.resize(image, size=[group.size] * 2, roi_start=inputs[k + "start"],
+                                      roi_end=inputs[k + "end"], roi_relative=True,
+                                      interp_type=types.INTERP_LINEAR, antialias=True))
+        return tuple(outs)
+
+    from pipelines.dali import _type
+    pipe = graph(batch_size=loader.batch_size, num_threads=1, device_id=None, prefetch_queue_depth=1,
+                 exec_pipelined=False, exec_async=False)
+    pipe.build()
+    return pipe, feed
+
+
+def run_graph(pipe, feed, steps):
+    feed.epoch, feed.step, feed.stop = 0, 0, False
+    feed.plans.clear()
+    for _ in range(steps):
+        pipe.run()
+    feed.stop = True
+
+
+def profile(name, spec, source, batch, batches) -> dict:
+    out = {}
+    loader = DaliLoader(spec, source, batch_size=batch, workers=1, cpu=True)
+    planner = loader.planner
+    steps = min(batches, len(loader))
+    n = steps * batch
+    out["plan"] = per_sample(lambda: [planner.plan(0, s) for s in range(steps)], n)
+    plans = [planner.plan(0, s) for s in range(steps)]
+    out["read"] = per_sample(lambda: [source.read_many(p.index.tolist()) for p in plans], n)
+    pipe, feed = graph_only(loader, views=False)
+    out["decode"] = per_sample(lambda: run_graph(pipe, feed, steps), n)
+    pipe, feed = graph_only(loader, views=True)
+    out["resize"] = per_sample(lambda: run_graph(pipe, feed, steps), n) - out["decode"]
+    # the colour operations on the real resized views, with the plan's parameters
+    feed.epoch, feed.step, feed.stop = 0, 0, False
+    tiles, params = [], []
+    for s in range(steps):
+        outs = pipe.run()
+        plan = feed.plans.popleft()
+        i = 0
+        for group in loader._groups:
+            p = colour.view_params(group.plan(plan), group.augs, group.size)
+            for v in range(group.count):
+                tiles += [np.array(outs[i + v][b]) for b in range(batch)]
+                params += [p[v, b] for b in range(batch)]
+            i += group.count
+    feed.stop = True
+    for op, code in OPS.items():
+        def one_op(code=code):
+            for x, p in zip(tiles, params):
+                if p[colour.P_JITTER] > 0.5 and code in p[colour.P_ORDER:colour.P_ORDER + 4]:
+                    q = np.zeros_like(p)
+                    q[colour.P_JITTER], q[colour.P_ORDER:colour.P_ORDER + 4] = 1, colour.SKIP
+                    q[colour.P_ORDER] = code
+                    q[colour.P_B:colour.P_H + 1] = p[colour.P_B:colour.P_H + 1]
+                    colour.augment(np.empty_like(x), x, q)
+        out[op] = per_sample(one_op, n)
+    for op, column in (("grayscale", colour.P_GRAY), ("blur", colour.P_SIGMA), ("solarize", colour.P_SOLARIZE)):
+        def other(column=column):
+            for x, p in zip(tiles, params):
+                if p[column] > 0:
+                    q = np.zeros_like(p)
+                    q[column], q[colour.P_KERNEL] = p[column], p[colour.P_KERNEL]
+                    colour.augment(np.empty_like(x), x, q)
+        out[op] = per_sample(other, n)
+    copies = per_sample(lambda: [colour.augment(np.empty_like(x), x, np.zeros_like(p)) for x, p in zip(tiles, params)], n)
+    plain = per_sample(lambda: [colour.render(np.empty(x.shape, np.float32), x, np.zeros_like(p))
+                                for x, p in zip(tiles, params)], n)
+    out["normalise"] = plain
+    out["op copies"] = copies
+    def whole_graph():
+        loader._restart(0, 0)  # drains what the last call prefetched
+        for _ in range(steps):
+            loader._pipe.run()
+    out["graph"] = per_sample(whole_graph, n)
+    it_loader = DaliLoader(spec, source, batch_size=batch, workers=1, cpu=True)
+
+    def loader_epoch():
+        it_loader.epoch, it_loader.step = 0, 0
+        for i, _ in enumerate(it_loader):
+            if i + 1 == steps:
+                break
+    out["loader"] = per_sample(loader_epoch, n)
+    loader.close()
+    it_loader.close()
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipes", default="all", help=f"comma list of {', '.join(RECIPES)} or 'all'")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batches", type=int, default=4, help="batches timed per stage")
+    p.add_argument("--photos", type=int, default=512)
+    p.add_argument("--photo-size", default="500x375")
+    p.add_argument("--data", default=None)
+    p.add_argument("--synthetic-jpegs", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    source, _ = prepare_data(a)
+    names = list(RECIPES) if a.recipes == "all" else a.recipes.split(",")
+    for name in names:
+        spec = RECIPES[name]
+        got = profile(name, spec, source, a.batch_size, a.batches)
+        print(f"\n{name} ({describe(spec)}): ms of one core per sample")
+        for stage, ms in got.items():
+            print(f"  {stage:<11} {ms:7.3f}")
+        print(f"  -> at most {1000 / got['loader']:.0f} samples/s per core")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
