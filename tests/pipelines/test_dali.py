@@ -248,6 +248,8 @@ def test_gpu_graph_traced_without_cuda(name, source):
             assert arg.device == "cpu", (kind, arg.name)
         if kind == "decoders__Image":
             assert op._op._device == "mixed"
+            spec_text = str(op.spec)  # set for H100/H200's hardware decoder, preallocated
+            assert "hw_decoder_load: 0.99" in spec_text and "preallocate_width_hint: 5980" in spec_text
         elif kind != "ExternalSource":
             assert kind == "Resize" and op._op._device == "gpu", kind
     views = sum(c.count for c in spec.crops) + (spec.original is not None) + \
