@@ -133,29 +133,33 @@ def _ops(plan, v: int, b: int) -> str:
 
 
 def view_sheet(plan, renders: dict, source, spec, *, title: str = "", panel: int = 96) -> Sheet:
-    """The sheet of one step: `renders` maps pipeline name -> Views of `plan`."""
+    """The sheet of one step: `renders` maps pipeline name -> Views of `plan`
+    (one or two pipelines; with two, each view is shown by both side by side,
+    then their difference)."""
     from pipelines.torchvision import decode
     names = list(renders)
+    two = len(names) > 1
     font = _font()
     line_h = font.getbbox("Ag")[3] + 3
-    label_h = LABEL_LINES * line_h + 2
-    cell_w, cell_h = panel + PAD, panel + label_h + PAD
-    row_label_w = max(int(font.getlength(n)) for n in names + ["source", f"|{names[0]} - {names[-1]}|"]) + PAD
+    bar = 4  # the coloured bar over a view that ties it to its window on the source
+    cell_w, cell_h = panel + PAD, bar + panel + LABEL_LINES * line_h + 2 + PAD
+    gap = PAD if two else 0
+    group_w = (len(names) + int(two)) * cell_w + gap  # one view: each pipeline's panel, then the difference
     batch = len(plan.index)
     families = [(c.name, c.count) for c in spec.crops]
-    has_original = plan.original is not None
-    view_cols = sum(n for _, n in families) + int(has_original)
-    two = len(names) > 1
-    rows_per_sample = len(names) + int(two)
+    items = [(fam, v) for fam, n in families for v in range(n)]
+    if plan.original is not None:
+        items.append(("original", 0))
+    width = PAD + cell_w + gap + len(items) * group_w
+    per_row = 0
+    if plan.mosaic is not None:
+        per_row = max(1, min(batch, (width - PAD) // group_w))
+        width = max(width, PAD + per_row * group_w)
     title_lines = [t for t in title.split("\n") if t]
     header_h = len(title_lines) * line_h + PAD
-    mosaic_cols = min(batch, 4) if plan.mosaic is not None else 0
-    mosaic_rows = math.ceil(batch / mosaic_cols) if mosaic_cols else 0
-    width = row_label_w + cell_w * max(1 + view_cols, mosaic_cols) + PAD
-    sample_block = line_h + rows_per_sample * cell_h + PAD
-    height = header_h + batch * sample_block
-    if mosaic_cols:
-        height += line_h + mosaic_rows * rows_per_sample * cell_h + PAD
+    height = header_h + batch * (line_h + cell_h)
+    if per_row:
+        height += line_h + math.ceil(batch / per_row) * cell_h
     img = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(img)
     sheet = Sheet(img)
@@ -168,16 +172,16 @@ def view_sheet(plan, renders: dict, source, spec, *, title: str = "", panel: int
         size = (max(1, round(w * s)), max(1, round(h * s)))
         im = Image.fromarray(pixels)
         im = im.resize(size, Image.NEAREST if s >= 1 else Image.BILINEAR)
-        img.paste(im, (x, y))
-        p = Panel(kind, x, y, s, **keys)
+        img.paste(im, (x, y + bar))
+        p = Panel(kind, x, y + bar, s, **keys)
         sheet.panels.append(p)
         return p
 
-    def label(x, y, lines, fills=None):
+    def label(x, y, lines, fill=INK):
         for i, t in enumerate(lines[:LABEL_LINES]):
             while t and font.getlength(t) > cell_w - 2:
                 t = t[:-1]
-            draw.text((x, y + panel + 1 + i * line_h), t, fill=(fills or [INK] * 2)[i], font=font)
+            draw.text((x, y + bar + panel + 1 + i * line_h), t, fill=fill, font=font)
 
     def rect(p: Panel, box, fill):
         draw.rectangle(box_rect(p, *box), outline=fill, width=LINE)
@@ -188,9 +192,9 @@ def view_sheet(plan, renders: dict, source, spec, *, title: str = "", panel: int
         sheet.diffs[key] = mean
         g = np.clip(d.mean(axis=2) * DIFF_GAIN, 0, 255).astype(np.uint8)
         put("diff", np.repeat(g[..., None], 3, axis=2), x, y, name=key[0], view=key[1], sample=key[2])
-        label(x, y, [f"mean |d| {mean:.2f}", f"(shown x{DIFF_GAIN})"])
+        label(x, y, [f"mean |d| {mean:.2f}", f"difference x{DIFF_GAIN}"])
 
-    # Every crop window of a sample, in drawing order: (tag, CropPlan, view); a tag names it in the legend.
+    # Every crop window of a sample in drawing order: (tag, CropPlan, view); the tag names it in the legend.
     windows = [(f"{name[0]}{v}", plan.crops[name], v) for name, n in families for v in range(n)]
     if plan.mosaic is not None:
         windows += [(f"m{v}", plan.mosaic.crops, v) for v in range(plan.mosaic.crops.count)]
@@ -205,71 +209,55 @@ def view_sheet(plan, renders: dict, source, spec, *, title: str = "", panel: int
         cls = f", {classes[lab]}" if 0 <= lab < len(classes) else ""
         draw.text((PAD, y), f"sample {b}: image #{idx}{cls}", fill=colour(b), font=font)
         y += line_h
-        # source image with every window
         src = np.asarray(decode(source.read(idx)))
-        x0 = row_label_w
-        p = put("source", src, x0, y, sample=b)
+        p = put("source", src, PAD, y, sample=b)
         for i, (tag, cp, v) in enumerate(windows):
             top, left, h, w = (int(t) for t in cp.window[v, b])
             rect(p, (left, top, left + w, top + h), colour(i))
-        legend = " ".join(t for t, _, _ in windows)
-        label(x0, y, [f"source {src.shape[1]}x{src.shape[0]}", legend])
-        # the legend's tags in their colours, over the plain text
-        lx = x0
+        label(PAD, y, [f"source {src.shape[1]}x{src.shape[0]}"])
+        lx = PAD  # the legend: each window's tag in its colour
         for i, (tag, _, _) in enumerate(windows):
-            if lx + font.getlength(tag) > x0 + cell_w - 2:
+            if lx + font.getlength(tag) > PAD + cell_w - 2:
                 break
-            draw.text((lx, y + panel + 1 + line_h), tag, fill=colour(i), font=font)
+            draw.text((lx, y + bar + panel + 1 + line_h), tag, fill=colour(i), font=font)
             lx += font.getlength(tag + " ")
-        for r, name in enumerate(names):
-            ry = y + r * cell_h
-            draw.text((PAD, ry + panel // 2), name, fill=INK, font=font)
-            col = 1
-            for fam, n in families:
-                for v in range(n):
-                    x = row_label_w + col * cell_w
-                    pv = put("view", pixels[name]["crops"][fam][v][b], x, ry, sample=b, pipeline=name, name=fam, view=v)
-                    wi = next(i for i, (t, cp, vv) in enumerate(windows) if cp is plan.crops[fam] and vv == v)
-                    draw.rectangle((x - 2, ry - 2, x + round(panel) + 1, ry - 1), fill=colour(wi))  # ties view to window
-                    cp = plan.crops[fam]
-                    label(x, ry, [f"{fam} {v}, {cp.size} px", _ops(cp, v, b)])
+        for g, (fam, v) in enumerate(items):
+            x0 = PAD + cell_w + gap + g * group_w
+            cp = plan.original if fam == "original" else plan.crops[fam]
+            wi = next((i for i, (_, c, vv) in enumerate(windows) if c is cp and vv == v), None)
+            for r, name in enumerate(names):
+                x = x0 + r * cell_w
+                if fam == "original":
+                    put("original", pixels[name]["original"][b], x, y, sample=b, pipeline=name, name="original")
+                    line1 = f"{name}: original" if two else f"original, {cp.size} px"
+                else:
+                    pv = put("view", pixels[name]["crops"][fam][v][b], x, y, sample=b, pipeline=name, name=fam,
+                             view=v)
+                    draw.rectangle((x, y, x + panel - 1, y + bar - 2), fill=colour(wi))
+                    line1 = f"{name}: {fam} {v}" if two else f"{fam} {v}, {cp.size} px"
                     if spec.pairs is not None and fam == spec.pairs.family and v < 2:
                         pb = renders[name].pair_boxes[v].numpy()
                         for k, box in enumerate(pb[pb[:, 0] == b]):
                             rect(pv, box[1:], colour(k))
-                    col += 1
-            if has_original:
-                x = row_label_w + col * cell_w
-                put("original", pixels[name]["original"][b], x, ry, sample=b, pipeline=name, name="original")
-                label(x, ry, [f"original, {plan.original.size} px", _ops(plan.original, 0, b)])
-        if two:
-            ry = y + len(names) * cell_h
-            draw.text((PAD, ry + panel // 2), f"|{names[0]} - {names[1]}|", fill=INK, font=font)
-            col = 1
-            for fam, n in families:
-                for v in range(n):
-                    a, c = (pixels[nm]["crops"][fam][v][b] for nm in names[:2])
-                    diff_panel(a, c, row_label_w + col * cell_w, ry, (fam, v, b))
-                    col += 1
-            if has_original:
-                a, c = (pixels[nm]["original"][b] for nm in names[:2])
-                diff_panel(a, c, row_label_w + col * cell_w, ry, ("original", 0, b))
-        y += rows_per_sample * cell_h + PAD
+                label(x, y, [line1, _ops(cp, v, b)])
+            if two:
+                a, c = (pixels[nm]["original"][b] if fam == "original" else pixels[nm]["crops"][fam][v][b]
+                        for nm in names[:2])
+                diff_panel(a, c, x0 + len(names) * cell_w, y, (fam, v, b))
+        y += cell_h
 
-    if mosaic_cols:
+    if per_row:
         mp = plan.mosaic
         draw.text((PAD, y), f"mosaic canvases, {mp.canvas_size} px: each RoI's box coloured and labelled "
-                            f"by its source sample", fill=INK, font=font)
+                            f"s<b> by its source sample b", fill=INK, font=font)
         y += line_h
         rois = {nm: renders[nm].mosaic_rois.numpy() for nm in names}
         srcs = {nm: renders[nm].mosaic_src.numpy() for nm in names}
         for c in range(batch):
-            gr, gc = divmod(c, mosaic_cols)
-            x = row_label_w + gc * cell_w
+            gr, gc = divmod(c, per_row)
+            x0, ry = PAD + gc * group_w, y + gr * cell_h
             for r, name in enumerate(names):
-                ry = y + (gr * rows_per_sample + r) * cell_h
-                if gc == 0:
-                    draw.text((PAD, ry + panel // 2), name, fill=INK, font=font)
+                x = x0 + r * cell_w
                 pm = put("mosaic", pixels[name]["mosaic"][c], x, ry, sample=c, pipeline=name, name="mosaic")
                 sel = np.nonzero(rois[name][:, 0] == c)[0]
                 for j in sel:
@@ -281,13 +269,11 @@ def view_sheet(plan, renders: dict, source, spec, *, title: str = "", panel: int
                     ty = (y0b + y1b - line_h) / 2
                     draw.rectangle((tx - 1, ty, tx + font.getlength(t), ty + line_h - 2), fill=BACKGROUND)
                     draw.text((tx, ty), t, fill=colour(int(srcs[name][j])), font=font)
-                label(x, ry, [f"canvas {c}", "s<b>: sample b's crop"])
+                label(x, ry, [f"{name}: canvas {c}" if two else f"canvas {c}",
+                              f"jitter {int(mp.shift[c, 0])},{int(mp.shift[c, 1])} px"])
             if two:
-                ry = y + (gr * rows_per_sample + len(names)) * cell_h
-                if gc == 0:
-                    draw.text((PAD, ry + panel // 2), f"|{names[0]} - {names[1]}|", fill=INK, font=font)
                 a, b2 = (pixels[nm]["mosaic"][c] for nm in names[:2])
-                diff_panel(a, b2, x, ry, ("mosaic", 0, c))
+                diff_panel(a, b2, x0 + len(names) * cell_w, ry, ("mosaic", 0, c))
     return sheet
 
 
