@@ -342,17 +342,29 @@ def write_curves(run_dir, out=None) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "curves.png"
     series = curve_series(read_log(run_dir / "log.jsonl"))
     parts = sorted(k for k in series if k not in _NOT_METRICS)
-    fig, axes = plt.subplots(2, 2, figsize=(9, 6), dpi=80)
+    loss_parts = [k for k in parts if k.startswith("loss")]
+    other_parts = [k for k in parts if k not in loss_parts]  # e.g. a method's contrastive accuracies
+    cols = 3 if other_parts else 2
+    fig, axes = plt.subplots(2, cols, figsize=(4.5 * cols, 6), dpi=80)
+    if cols == 3:
+        axes[1, 2].remove()
     ax = axes[0, 0]
-    for k in ["loss"] + parts:
+    for k in ["loss"] + loss_parts:
         if k in series:
             ax.plot(*series[k], label=k, lw=1.2 if k == "loss" else 0.8)
-    ax.set_title("loss" + (" and metric parts" if parts else ""))
-    if parts:
+    ax.set_title("loss" + (" and its parts" if loss_parts else ""))
+    if loss_parts:
+        ax.legend(fontsize=7)
+    if other_parts:
+        ax = axes[0, 2]
+        for k in other_parts:
+            ax.plot(*series[k], label=k, lw=0.8)
+        ax.set_title("method metrics")
         ax.legend(fontsize=7)
     for ax, key, title in ((axes[0, 1], "lr", "learning rate"), (axes[1, 1], "img_s", "images/s")):
         if key in series:
@@ -362,13 +374,16 @@ def write_curves(run_dir, out=None) -> Path:
     if "knn_top1" in series:
         s, v = series["knn_top1"]
         ax.plot(s, v * 100, marker="o", lw=1, label="kNN top-1")
+    else:
+        ax.text(0.5, 0.5, "no kNN result logged yet", ha="center", va="center", transform=ax.transAxes, fontsize=8)
     if "knn_random" in series:  # drawn only when the log has a random-init anchor
         ax.axhline(series["knn_random"][1][-1] * 100, color="grey", ls="--", lw=1, label="random init")
     ax.set_title("kNN top-1 (%)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
-    for ax in axes.flat:
+    for ax in fig.axes:
         ax.set_xlabel("step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle(run_dir.name, fontsize=10)
