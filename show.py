@@ -339,18 +339,25 @@ def curve_series(records: list) -> dict:
 def write_curves(run_dir, out=None) -> Path:
     """Draw loss (and the method's metric parts), learning rate, kNN top-1 and
     images/s from RUN_DIR/log.jsonl into RUN_DIR/curves.png (atomically)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "curves.png"
-    series = curve_series(read_log(run_dir / "log.jsonl"))
+    fig = curves_figure(curve_series(read_log(run_dir / "log.jsonl")), run_dir.name)
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(out)
+    return out
+
+
+def curves_figure(series: dict, title: str):
+    """The curves of `curve_series` output as a matplotlib Figure (no pyplot state)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
     parts = sorted(k for k in series if k not in _NOT_METRICS)
     loss_parts = [k for k in parts if k.startswith("loss")]
     other_parts = [k for k in parts if k not in loss_parts]  # e.g. a method's contrastive accuracies
     cols = 3 if other_parts else 2
-    fig, axes = plt.subplots(2, cols, figsize=(4.5 * cols, 6), dpi=80)
+    fig = Figure(figsize=(4.5 * cols, 6), dpi=80)
+    axes = fig.subplots(2, cols)
     if cols == 3:
         axes[1, 2].remove()
     ax = axes[0, 0]
@@ -366,17 +373,17 @@ def write_curves(run_dir, out=None) -> Path:
             ax.plot(*series[k], label=k, lw=0.8)
         ax.set_title("method metrics")
         ax.legend(fontsize=7)
-    for ax, key, title in ((axes[0, 1], "lr", "learning rate"), (axes[1, 1], "img_s", "images/s")):
+    for ax, key, name in ((axes[0, 1], "lr", "learning rate"), (axes[1, 1], "img_s", "images/s")):
         if key in series:
             ax.plot(*series[key], lw=1)
-        ax.set_title(title)
+        ax.set_title(name)
     ax = axes[1, 0]
     if "knn_top1" in series:
         s, v = series["knn_top1"]
         ax.plot(s, v * 100, marker="o", lw=1, label="kNN top-1")
     else:
         ax.text(0.5, 0.5, "no kNN result logged yet", ha="center", va="center", transform=ax.transAxes, fontsize=8)
-    if "knn_random" in series:  # drawn only when the log has a random-init anchor
+    if "knn_random" in series:  # a random-init anchor, drawn only when the log has one (key knn_random)
         ax.axhline(series["knn_random"][1][-1] * 100, color="grey", ls="--", lw=1, label="random init")
     ax.set_title("kNN top-1 (%)")
     if ax.get_legend_handles_labels()[0]:
@@ -386,13 +393,9 @@ def write_curves(run_dir, out=None) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    fig.suptitle(run_dir.name, fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return fig
 
 
 # ----------------------------------------------------------------------------- command line

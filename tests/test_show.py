@@ -173,6 +173,24 @@ def test_curve_series_keeps_the_resumed_records():
     assert list(series["knn_top1"][0]) == [3] and "replica_digests" not in series and "epoch" not in series
 
 
+def test_curves_figure_draws_the_random_init_anchor_only_when_logged():
+    records = [{"step": s, "epoch": 0, "loss": 5.0 - s, "lr": 0.1 * s, "img_s": 100.0, "loss_mos": 2.0,
+                "acc": 0.1 * s} for s in (1, 2, 3)] + [{"step": 3, "epoch": 0, "knn_top1": 0.62}]
+    for anchor in (None, 0.65):
+        recs = records + ([{"step": 0, "knn_random": anchor}] if anchor else [])
+        fig = show.curves_figure(show.curve_series(recs), "run")
+        knn = next(ax for ax in fig.axes if ax.get_title().startswith("kNN"))
+        lines = {line.get_label(): line for line in knn.get_lines()}
+        assert list(lines["kNN top-1"].get_ydata()) == pytest.approx([62.0])
+        if anchor:
+            assert list(lines["random init"].get_ydata()) == pytest.approx([65.0, 65.0])
+        else:
+            assert "random init" not in lines
+        loss = next(ax for ax in fig.axes if ax.get_title().startswith("loss"))
+        assert {line.get_label() for line in loss.get_lines()} == {"loss", "loss_mos"}
+        assert any(ax.get_title() == "method metrics" for ax in fig.axes)
+
+
 TINY = ["--image-size", "16", "--batch-size", "8", "--arch", "resnet18", "--small-stem", "--workers", "0",
         "--log-every", "1", "--pipeline", "torchvision"]
 
