@@ -13,9 +13,9 @@ plan drawn on it (one colour per window, legend underneath), every view
 de-normalised and labelled with its family, size and the operations it got,
 SCRL's matched boxes on both views (pair k in colour k on each), and the
 original view; then the mosaic canvases with each RoI's box, coloured and
-labelled by its source sample. With several pipelines each renders the same
-plan in a row of its own, followed by a row of per-view differences (the
-absolute difference, amplified, with its mean level in 0..255 units).
+labelled by its source sample. With two pipelines each renders the same
+plan, and every view appears as each made it, side by side, then their
+absolute difference (amplified, with its mean level in 0..255 units).
 Pixels are scaled by whole numbers (nearest neighbour) when they are
 enlarged, so a box at x in an image sits at x * scale in its panel.
 """
@@ -129,7 +129,7 @@ def _ops(plan, v: int, b: int) -> str:
         ops.append(f"blur{plan.sigma[v, b]:.1f}")
     if plan.solarize[v, b]:
         ops.append("sol")
-    return " ".join(ops) or "no colour op"
+    return " ".join(ops) or "no op"
 
 
 def view_sheet(plan, renders: dict, source, spec, *, title: str = "", panel: int = 96) -> Sheet:
