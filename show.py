@@ -388,7 +388,10 @@ def curves_figure(series: dict, title: str):
     ax.set_title("kNN top-1 (%)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
-    for ax in fig.axes:
+    steps = [s for key, (s, _) in series.items() if key in ("loss", "knn_top1") and len(s)]
+    lo, hi = (min(s.min() for s in steps), max(s.max() for s in steps)) if steps else (0, 1)
+    for ax in fig.axes:  # one step axis for every panel, so a lone kNN point sits at its step
+        ax.set_xlim(lo - 0.5, hi + 0.5)
         ax.set_xlabel("step", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
