@@ -11,11 +11,12 @@ CORE = [
     "pillow>=10",
     "pyyaml>=6",
     "tqdm>=4.60",
+    "matplotlib>=3.8",  # show.py: a run's curves.png
 ]
 EXTRAS = {
     "dali": ["nvidia-dali-cuda130>=2.4,<3"],
     "ffcv": ["ffcv>=1.0.2", "opencv-python-headless>=4.8"],
-    "dev": ["pytest>=8", "hypothesis>=6.100", "tensorboard>=2.15", "matplotlib>=3.8"],
+    "dev": ["pytest>=8", "hypothesis>=6.100", "tensorboard>=2.15"],
 }
 EXTRAS["all"] = sorted({r for reqs in EXTRAS.values() for r in reqs})
 # The exact versions checked on the project's machines (2 cores, Python 3.11).
@@ -28,7 +29,7 @@ setup(
     python_requires=">=3.10",
     packages=["pipelines", "model", "model.methods"],
     package_data={"pipelines": ["sample/*.npz", "sample/README.md"]},
-    py_modules=["train"],
+    py_modules=["train", "show"],
     install_requires=CORE,
     extras_require=EXTRAS,
 )

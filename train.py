@@ -399,6 +399,9 @@ def run(argv: list[str]) -> int:
     if cfg.tensorboard and is_main():
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(run_dir / "tb")
+        if global_step == 0:  # the view sheet of step 0 (show.py), rendered on a loader of its own
+            import show
+            show.add_views_to_tensorboard(writer, cfg, method.spec(cfg), train_src, device)
     log_file = open(run_dir / "log.jsonl", "a") if is_main() else None
 
     def checkpoint():
@@ -483,6 +486,9 @@ def run(argv: list[str]) -> int:
             f"loss {loss.item():.4f}")
         if finished or (cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
             monitor(epoch)
+        if is_main():  # run_dir/curves.png redrawn from log.jsonl
+            import show
+            show.write_curves(run_dir)
     loader.close()
     if writer:
         writer.close()
