@@ -11,7 +11,7 @@ CORE = [
     "pillow>=10",
     "pyyaml>=6",
     "tqdm>=4.60",
-    "matplotlib>=3.8",  # show.py: a run's curves.png
+    "matplotlib>=3.8",  # bench/show.py: a run's curves.png
 ]
 EXTRAS = {
     "dali": ["nvidia-dali-cuda130>=2.4,<3"],
@@ -27,9 +27,9 @@ setup(
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.10",
-    packages=["pipelines", "model", "model.methods"],
+    packages=["pipelines", "model", "model.methods", "bench"],
     package_data={"pipelines": ["sample/*.npz", "sample/README.md"]},
-    py_modules=["train", "show"],
+    py_modules=["train"],
     install_requires=CORE,
     extras_require=EXTRAS,
 )

@@ -399,8 +399,8 @@ def run(argv: list[str]) -> int:
     if cfg.tensorboard and is_main():
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(run_dir / "tb")
-        if global_step == 0:  # the view sheet of step 0 (show.py), rendered on a loader of its own
-            import show
+        if global_step == 0:  # the view sheet of step 0 (bench/show.py), rendered on a loader of its own
+            from bench import show
             show.add_views_to_tensorboard(writer, cfg, method.spec(cfg), train_src, device)
     log_file = open(run_dir / "log.jsonl", "a") if is_main() else None
 
@@ -487,7 +487,7 @@ def run(argv: list[str]) -> int:
         if finished or (cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
             monitor(epoch)
         if is_main():  # run_dir/curves.png redrawn from log.jsonl
-            import show
+            from bench import show
             show.write_curves(run_dir)
     loader.close()
     if writer:

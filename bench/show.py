@@ -1,12 +1,12 @@
 """Pictures of what the trainer does: the views a method gets, and a run's curves.
 
 A sheet of one step's views (the plan of epoch 0, step 0, at a batch of 4):
-    python show.py views --method mosrep --out views.png
-    python show.py views --method scrl --pipelines dali,torchvision --out scrl.png   # same plan, each pipeline
+    python bench/show.py views --method mosrep --out views.png
+    python bench/show.py views --method scrl --pipelines dali,torchvision --out scrl.png   # same plan, each pipeline
 Every train.py flag (--data, --image-size, --seed, --base byol, ...) resolves the method's views as a
 training run would; the sheet's own flags are --pipelines, --out, --samples, --epoch, --step, --panel.
 A run's curves (train.py redraws RUN_DIR/curves.png at every epoch end):
-    python show.py curves runs/mosrep-sample
+    python bench/show.py curves runs/mosrep-sample
 
 The sheet shows, per sample: the source image with every crop window of the
 plan drawn on it (one colour per window, legend underneath), every view
@@ -32,7 +32,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pipelines.views import MEAN, STD
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the project's packages sit beside bench/
+    sys.path.insert(0, str(ROOT))
+
+from pipelines.views import MEAN, STD  # noqa: E402
 
 # Distinct colours (matplotlib's tab10 and a few more): crop windows, pairs and samples index into it.
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -411,7 +415,7 @@ def _views_command(argv: list) -> int:
     import train
     from model.methods import METHODS
     from pipelines.data import DataError, open_source
-    p = argparse.ArgumentParser(prog="show.py views", description="a sheet of one step's views; other flags go "
+    p = argparse.ArgumentParser(prog="bench/show.py views", description="a sheet of one step's views; other flags go "
                                 "to train.py's configuration", add_help=True)
     p.add_argument("--pipelines", default=None, help="comma-separated; default: train.py's --pipeline")
     p.add_argument("--out", default="views.png")
@@ -455,12 +459,12 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if not argv or argv[0] not in ("views", "curves"):
-            raise _Usage("usage: python show.py views [--method M] [--pipelines a,b] [--out PNG] ... | "
-                         "python show.py curves RUN_DIR")
+            raise _Usage("usage: python bench/show.py views [--method M] [--pipelines a,b] [--out PNG] ... | "
+                         "python bench/show.py curves RUN_DIR")
         if argv[0] == "views":
             return _views_command(argv[1:])
         if len(argv) != 2 or not (Path(argv[1]) / "log.jsonl").is_file():
-            raise _Usage("usage: python show.py curves RUN_DIR (a run directory holding log.jsonl)")
+            raise _Usage("usage: python bench/show.py curves RUN_DIR (a run directory holding log.jsonl)")
         print(f"wrote {write_curves(argv[1])}")
         return 0
     except _Usage as e:

@@ -1,4 +1,4 @@
-"""show.py: view sheets of every view family on every installed pipeline, with
+"""bench/show.py: view sheets of every view family on every installed pipeline, with
 drawn boxes checked pixel by pixel against the plan; curves.png redrawn at
 each epoch end, and a resumed run's curve without a gap."""
 import json
@@ -11,15 +11,15 @@ import pytest
 from PIL import Image
 
 import pipelines
-import show
+from bench import show
 import train
 from model.methods import METHODS
 from pipelines.data import open_source
 from pipelines.torchvision import decode
 
-from .conftest import make_image_folder
+from tests.conftest import make_image_folder
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The view families: two views, multi-crop, mosaic with RoIs, SCRL pairs, the original.
 FAMILIES = ["byol", "multicrop", "mosrep", "scrl", "leoclr"]
 RENDERERS = sorted(set(pipelines.PIPELINES) - {"synthetic"})  # synthetic views come from no plan
@@ -154,7 +154,7 @@ def test_two_pipelines_side_by_side_with_differences(tmp_path, source, method):
 
 def test_views_command_writes_the_sheet_and_refuses_bad_input(tmp_path, labelled_folder):
     out = tmp_path / "v.png"
-    cmd = [sys.executable, str(ROOT / "show.py"), "views", "--method", "mosrep", "--data", str(labelled_folder),
+    cmd = [sys.executable, str(ROOT / "bench" / "show.py"), "views", "--method", "mosrep", "--data", str(labelled_folder),
            "--image-size", "24", "--pipelines", ",".join(RENDERERS[:2]), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
