@@ -28,7 +28,7 @@ setup(
     python_requires=">=3.10",
     packages=["pipelines", "model", "model.methods"],
     package_data={"pipelines": ["sample/*.npz", "sample/README.md"]},
-    py_modules=["train"],
+    py_modules=["train", "config_rules", "checkpoints"],
     install_requires=CORE,
     extras_require=EXTRAS,
 )
