@@ -5,7 +5,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 import pipelines
 from pipelines.data import REPLACEMENT_RGB, open_source, probe_bytes, read_checked, replacement_image
