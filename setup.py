@@ -27,7 +27,7 @@ setup(
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.10",
-    packages=["pipelines", "model", "model.methods", "bench"],
+    packages=["pipelines", "model", "model.methods", "bench", "configs"],
     package_data={"pipelines": ["sample/*.npz", "sample/README.md"]},
     py_modules=["train"],
     install_requires=CORE,

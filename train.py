@@ -13,13 +13,18 @@ Afterwards, on the same run directory:
 Defaults come from configs/<method>.yaml (each number with its source);
 every key there is also a flag. Small images (the built-in sample,
 Fashion-MNIST) add configs/small.yaml. Flags given on the command line win.
+
+Every value is checked against rules.RULES before any work starts.
+Exit codes: 0 done; 2 bad input (one line: a flag out of range, missing
+data, no usable checkpoint, a full disk); 3 a NaN or inf loss (the last good
+checkpoint stays); 75 stopped by SIGTERM/SIGINT after checkpointing (run the
+same command again to resume). See model/checkpoints.py.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
-import math
 import os
 import shutil
 import sys
@@ -36,15 +41,23 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import yaml  # noqa: E402
 
+from model import checkpoints  # noqa: E402
+from configs import rules  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT / "configs"
 # Flags that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "linear_epochs", "pipeline", "workers", "knn_every", "log_every",
-                     "ckpt_every", "keep_every", "tensorboard", "stop_after", "eval", "export", "compile", "cpu_graph", "device", "run_dir"}
+                     "ckpt_every", "keep_every", "tensorboard", "stop_after", "eval", "export", "compile", "cpu_graph", "device", "run_dir",
+                     "data_changed"}
 
 
 class UserError(Exception):
     """Bad input: one clear line, exit code 2."""
+
+
+class NonFiniteLoss(Exception):
+    """A NaN or inf loss: one line, exit code 3, no checkpoint after it."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -78,6 +91,8 @@ def get_args_parser(method_defaults: dict | None = None) -> argparse.ArgumentPar
     p.add_argument("--eval", choices=["linear"], default=None, help="evaluate the run's backbone instead of training")
     p.add_argument("--linear-epochs", type=int, default=100)
     p.add_argument("--export", default=None, metavar="PATH", help="write the run's backbone as a torchvision state_dict")
+    p.add_argument("--data-changed", choices=["refuse", "ok"], default="refuse",
+                   help="resuming over a dataset whose files changed since the checkpoint: refuse, or go on (ok)")
     for key, value in (method_defaults or {}).items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
@@ -181,13 +196,8 @@ def schedule_steps(epochs: int, steps_per_epoch: int, warmup_epochs: float, max_
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Temporary file, then os.replace: a kill never leaves half a checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
+# Writing (temporary file, fsync, rename, checkpoint.prev.pth kept) and reading
+# (fall back to the previous good one) live in model/checkpoints.py.
 def keep_checkpoint(path: Path, step: int) -> Path:
     """checkpoint-step<step>.pth beside `path`: a hard link to the checkpoint
     just written (a copy where links are not possible); the next os.replace
@@ -199,12 +209,6 @@ def keep_checkpoint(path: Path, step: int) -> Path:
         except OSError:
             shutil.copyfile(path, kept)
     return kept
-
-
-def load_checkpoint(path: Path, device) -> dict | None:
-    if not path.exists():
-        return None
-    return torch.load(path, map_location=device, weights_only=True)
 
 
 def prepare_run_dir(cfg) -> Path:
@@ -265,6 +269,24 @@ def parameter_digest(model: torch.nn.Module) -> float:
     return total
 
 
+def stop_requested(stop: "checkpoints.StopSignals") -> bool:
+    """Whether a signal arrived here or, under DDP, on any rank (all ranks stop at the same step)."""
+    if not dist.is_initialized():
+        return stop.received is not None
+    flag = torch.tensor([stop.received is not None], dtype=torch.int32,
+                        device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def summed_over_ranks(count: int, device) -> int:
+    if not dist.is_initialized():
+        return count
+    total = torch.tensor([count], dtype=torch.int64, device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(total)
+    return int(total.item())
+
+
 def amp_dtype(name: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
@@ -293,12 +315,25 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         return run(argv)
-    except UserError as e:
+    except (UserError, rules.ConfigError, checkpoints.CheckpointError) as e:
+        close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:
+        close_progress_bars()
+        print(f"error: {e}", file=sys.stderr)
+        return checkpoints.EXIT_NONFINITE
     finally:
+        checkpoints.StopSignals.restore_all()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def close_progress_bars():
+    """Clear tqdm's bars (leave=False) so that an error is a line of its own."""
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def run(argv: list[str]) -> int:
@@ -307,6 +342,7 @@ def run(argv: list[str]) -> int:
     from pipelines.data import DataError, open_source
 
     cfg, explicit = resolve_config(argv)
+    rules.check(cfg)
     rank, world, device = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
 
@@ -323,9 +359,10 @@ def run(argv: list[str]) -> int:
     changed = apply_small_profile(cfg, explicit, float(np.median(np.minimum(train_src.widths, train_src.heights))))
     if changed:
         log(f"small images: configs/small.yaml sets {', '.join(changed)}")
+        rules.check(cfg)
     run_dir = prepare_run_dir(cfg)
-    ckpt_path = run_dir / "checkpoint.pth"
-    ckpt = load_checkpoint(ckpt_path, "cpu")
+    ckpt, ckpt_path = checkpoints.load(run_dir, cfg.method, "cpu",
+                                       warn=lambda m: is_main() and print(f"warning: {m}", file=sys.stderr, flush=True))
 
     method = METHODS[cfg.method]
     model = method(cfg).to(device, memory_format=torch.channels_last)
@@ -376,6 +413,15 @@ def run(argv: list[str]) -> int:
             raise UserError(f"{run_dir} holds a run with other settings "
                             f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())}); "
                             "use another --run-dir")
+        data_then = ckpt.get("data")
+        if data_then and data_then["fingerprint"] != train_src.fingerprint:
+            counts = (f"{data_then['images']:,} images then, {len(train_src):,} now"
+                      if data_then["images"] != len(train_src) else f"{len(train_src):,} images, some modified")
+            what = f"{cfg.data or 'the sample'} changed since {ckpt_path.name} was written ({counts})"
+            if cfg.data_changed != "ok":
+                raise UserError(f"{what}: the plan of every step depends on the dataset, so this run cannot resume "
+                                "exactly; pass --data-changed ok to resume anyway, or use another --run-dir")
+            log(f"warning: {what}; resuming anyway (--data-changed ok)")
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -404,7 +450,20 @@ def run(argv: list[str]) -> int:
             show.add_views_to_tensorboard(writer, cfg, method.spec(cfg), train_src, device)
     log_file = open(run_dir / "log.jsonl", "a") if is_main() else None
 
+    # A NaN or inf loss is noted on the device (no sync per step) and looked at
+    # before every log line and checkpoint, so no checkpoint follows a bad step.
+    first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+    last_finite = torch.zeros((), dtype=torch.float32, device=device)
+
+    def stop_if_nonfinite():
+        bad = int(first_bad_step)
+        if bad >= 0:
+            raise NonFiniteLoss(f"loss is not finite (nan or inf) at step {bad}; last finite loss "
+                                f"{float(last_finite):.6g} at step {bad - 1}; stopping without a checkpoint "
+                                f"(the last one in {run_dir} is from before that step)")
+
     def checkpoint():
+        stop_if_nonfinite()
         if world > 1:  # replicas must agree exactly; a divergence is a bug worth stopping for
             digests = [None] * world
             dist.all_gather_object(digests, parameter_digest(raw_model))
@@ -412,11 +471,12 @@ def run(argv: list[str]) -> int:
             if len(set(digests)) > 1:
                 raise RuntimeError(f"replicas diverged at step {global_step}: {digests}")
         if is_main():
-            save_checkpoint(ckpt_path, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "scaler": scaler.state_dict(), "loader": loader.state_dict(),
-                                        "step": global_step, "epoch": loader.epoch, "config": config})
+            checkpoints.save(run_dir, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "scaler": scaler.state_dict(), "loader": loader.state_dict(),
+                                       "step": global_step, "epoch": loader.epoch, "config": config,
+                                       "data": {"fingerprint": train_src.fingerprint, "images": len(train_src)}})
             if cfg.keep_every and global_step % cfg.keep_every == 0:
-                keep_checkpoint(ckpt_path, global_step)
+                keep_checkpoint(run_dir / checkpoints.CURRENT, global_step)
         if world > 1:
             dist.barrier()
 
@@ -442,6 +502,7 @@ def run(argv: list[str]) -> int:
             log(f"epoch {epoch}: kNN top-1 {acc * 100:.2f}% (k={cfg.knn_k}, T={cfg.knn_t})")
             write_log({"step": global_step, "epoch": epoch, "knn_top1": acc})
 
+    stop = checkpoints.StopSignals().__enter__()  # SIGTERM / SIGINT: finish the step, checkpoint, exit 75 (main restores)
     while global_step < total_steps:
         epoch = loader.epoch
         bar = tqdm(total=steps_per_epoch, initial=loader.step, desc=f"epoch {epoch}", unit="step",
@@ -456,6 +517,9 @@ def run(argv: list[str]) -> int:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            finite = torch.isfinite(loss.detach()).all()
+            first_bad_step.copy_(torch.where(finite | (first_bad_step >= 0), first_bad_step, global_step + 1))
+            last_finite.copy_(torch.where(finite & (first_bad_step < 0), loss.detach().float(), last_finite))
             raw_model.step_end((global_step + 1) / total_steps)
             global_step += 1
             steps_this_process += 1
@@ -469,10 +533,15 @@ def run(argv: list[str]) -> int:
                 t_last, seen = now, 0
                 bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_s']:.0f}")
                 write_log(record)
-                if not math.isfinite(record["loss"]):  # checked when logged: .item() syncs the GPU
-                    raise RuntimeError(f"loss is {record['loss']} at step {global_step}; stopping")
-            if any(every and global_step % every == 0 for every in (cfg.ckpt_every, cfg.keep_every)):
+                stop_if_nonfinite()
+            stopping = stop_requested(stop)
+            if stopping or any(every and global_step % every == 0 for every in (cfg.ckpt_every, cfg.keep_every)):
                 checkpoint()
+            if stopping:
+                loader.close()
+                log(f"stopped by {stop.received or 'a signal on another rank'} after step {global_step}; "
+                    f"checkpoint written to {run_dir}; run the same command to resume")
+                return checkpoints.EXIT_PREEMPTED
             if cfg.stop_after and steps_this_process >= cfg.stop_after:
                 loader.close()
                 log(f"stopped after {steps_this_process} steps (--stop-after)")
@@ -480,6 +549,13 @@ def run(argv: list[str]) -> int:
             if global_step >= total_steps and loader.step < steps_per_epoch:
                 break  # a step budget that ends mid-epoch
         bar.close()
+        replaced = summed_over_ranks(len(loader.replaced), device)
+        if replaced:
+            example = f" (e.g. {train_src.paths[loader.replaced[0]]})" if loader.replaced else ""
+            log(f"warning: epoch {epoch}: {replaced} unreadable image{'s' if replaced > 1 else ''} rendered as "
+                f"flat replacements{example}; the epoch went on")
+            write_log({"step": global_step, "epoch": epoch, "replaced": replaced})
+            loader.replaced.clear()
         checkpoint()
         finished = global_step >= total_steps
         log(f"epoch {epoch} {'stopped at the step budget' if finished and loader.step else 'done'}: "

@@ -42,6 +42,9 @@ class PlannedLoader(abc.ABC):
         except ValueError as e:
             raise PipelineError(str(e)) from None
         self.epoch, self.step = 0, 0
+        # Dataset indices of files found unreadable since indexing and rendered
+        # as data.replacement_image (counted when read; the caller logs and clears).
+        self.replaced = []
         labels = getattr(source, "labels", None)
         self._labels = None if labels is None else torch.as_tensor(np.asarray(labels, np.int64))
         mean = torch.tensor(MEAN, dtype=torch.float32) * 255

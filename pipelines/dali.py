@@ -59,6 +59,7 @@ from nvidia.dali import fn, pipeline_def, types
 
 from . import colour
 from .base import PipelineError, PlannedLoader
+from .data import read_checked
 from .plan import BatchPlan, CropPlan
 from .torchvision import MOSAIC_FILL
 from .views import AugSpec, Views
@@ -167,6 +168,8 @@ class _Feed:
         self.groups, self.views, self.keys, self.mode = groups, views, keys, mode
         self.plans = collections.deque()
         self.epoch, self.step, self.stop = 0, 0, True
+        # Beside each plan, the indices its read replaced; files known not to decode.
+        self.replacements, self.known_bad, self.last_replaced = collections.deque(), set(), []
 
     def __call__(self):
         if self.stop or self.step >= self.planner.steps_per_epoch:
@@ -175,12 +178,15 @@ class _Feed:
         arrays = self.arrays(plan)
         batch = [arrays[k] for k in self.keys]
         self.plans.append(plan)
+        self.replacements.append(self.last_replaced)
         self.step += 1
         return batch
 
     def arrays(self, plan: BatchPlan) -> dict:
         """Every input of `plan` by name; numpy, batch first, vectorised over views."""
-        out = {"bytes": self.source.read_many(plan.index.tolist())}
+        # Bytes checked as the index checked them: DALI stops the whole graph on a bad file.
+        data, self.last_replaced = read_checked(self.source, plan.index.tolist(), self.known_bad)
+        out = {"bytes": data}
         width = self.planner.widths[plan.index].astype(np.float64)
         height = self.planner.heights[plan.index].astype(np.float64)
         for g, group in enumerate(self.groups):
@@ -341,6 +347,30 @@ def _fill_band(canvas, shift, fill):
                 canvas[b, y, x1:, :] = fill
 
 
+def _undecodable(data: list, gpu: bool, device_id) -> list:
+    """Positions in `data` (encoded files) that DALI's decoder, the graph's
+    kind, fails on: whole halves decoded in small graphs of their own,
+    bisected where one fails."""
+    if not data:
+        return []
+
+    @pipeline_def(batch_size=len(data), num_threads=1, device_id=device_id, prefetch_queue_depth=1)
+    def decode_only():
+        encoded = fn.external_source(source=lambda: list(data), batch=True, dtype=types.UINT8, ndim=1)
+        return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+
+    try:
+        pipe = decode_only()
+        pipe.build()
+        pipe.run()
+        return []
+    except Exception:
+        if len(data) == 1:
+            return [0]
+    half = len(data) // 2
+    return _undecodable(data[:half], gpu, device_id) + [half + k for k in _undecodable(data[half:], gpu, device_id)]
+
+
 # ---------------------------------------------------------------- the loader
 class DaliLoader(PlannedLoader):
     """The plan rendered by DALI: the GPU graph (nvJPEG decode and the crop
@@ -371,6 +401,7 @@ class DaliLoader(PlannedLoader):
         self._groups = _groups(spec)
         self._views = [[_View(g, v, a) for v, a in enumerate(group.augs)] for g, group in enumerate(self._groups)]
         self._pipe, self._feed, self._token = None, None, None
+        self._known_bad = set()  # files that passed the header check but failed DALI's decode
 
     # -- the graph's lifetime -------------------------------------------------
     def _pipeline(self):
@@ -380,6 +411,7 @@ class DaliLoader(PlannedLoader):
         if self.spec.mosaic is not None and self.mode != "cuda":
             keys += _MOSAIC_KEYS
         self._feed = _Feed(self.planner, self.source, self._groups, self._views, keys, self.mode)
+        self._feed.known_bad = self._known_bad
         extra = {"exec_dynamic": True} if self.gpu else {}
         return _graph(self._feed, _cpu_operator() if self.mode == "numba" else None, batch_size=self.batch_size,
                       num_threads=max(1, self.workers), device_id=self.device_id, prefetch_queue_depth=2, **extra)
@@ -406,6 +438,7 @@ class DaliLoader(PlannedLoader):
         self._pipe.reset()
         feed = self._feed
         feed.plans.clear()
+        feed.replacements.clear()
         feed.epoch, feed.step, feed.stop = epoch, start, False
 
     def close(self) -> None:
@@ -415,7 +448,7 @@ class DaliLoader(PlannedLoader):
     def _render(self, epoch: int, start: int) -> Iterator[Views]:
         self._restart(epoch, start)
         token = self._token = object()  # a newer iteration takes over the graph
-        pipe, feed = self._pipe, self._feed
+        pipe, feed, step = self._pipe, self._feed, start
         while True:
             try:
                 # the GPU graph's outputs are bound to torch's current stream, without a host wait
@@ -423,13 +456,33 @@ class DaliLoader(PlannedLoader):
             except StopIteration:
                 return
             except Exception:
-                if self._token is token:
-                    self.close()  # DALI cannot go on after an error: the next iteration rebuilds
-                raise
+                if self._token is not token:
+                    raise
+                self.close()  # DALI cannot go on after an error: the next iteration rebuilds
+                if not self._set_aside_undecodable(feed):
+                    raise
+                # A file that passed the header check but not the decoder: render the step again
+                # on a fresh graph, that file replaced from now on.
+                self._restart(epoch, step)
+                token = self._token = object()
+                pipe, feed = self._pipe, self._feed
+                continue
+            self.replaced += feed.replacements.popleft()
             plan = feed.plans.popleft()
             yield self._gpu_views(plan, outputs) if self.gpu else self._cpu_views(plan, outputs)
+            step += 1
             if self._token is not token:
                 raise RuntimeError("dali: this iteration was superseded by a newer one over the same loader")
+
+    def _set_aside_undecodable(self, feed: _Feed) -> bool:
+        """After a failed graph: the files of the steps in flight that DALI's
+        decoder refuses on their own join the known-bad set; False when there
+        are none (the failure was not a bad file)."""
+        indices = sorted({i for plan in feed.plans for i in plan.index.tolist()} - self._known_bad)
+        data, _ = read_checked(self.source, indices, self._known_bad)
+        bad = {indices[k] for k in _undecodable(data, self.gpu, self.device_id)}
+        self._known_bad |= bad
+        return bool(bad)
 
     def _gpu_views(self, plan: BatchPlan, outputs) -> Views:
         """Each family's tiles copied contiguously on torch's stream, then

@@ -26,8 +26,10 @@ here and left out, with one warning line.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -90,6 +92,8 @@ class Source:
     heights: np.ndarray = field(repr=False)
     classes: list = field(repr=False)
     skipped: int = 0
+    # Changes when any listed file is added, removed, resized or touched (a checkpoint records it).
+    fingerprint: str = ""
 
     def __post_init__(self):
         n = len(self.paths)
@@ -109,6 +113,55 @@ class Source:
     @property
     def has_labels(self) -> bool:
         return bool(len(self.labels)) and bool((self.labels >= 0).any())
+
+
+def read_checked(source: Source, indices: Iterable[int], known_bad=frozenset()) -> tuple:
+    """(encoded files, dataset indices replaced): each file as `Source.read`,
+    checked as the index checked it (`probe_bytes`: headers, the JPEG end
+    marker, the indexed size). A file that no longer passes (truncated,
+    deleted or replaced since indexing), or whose index is in `known_bad`, is
+    replaced by `replacement_image` of its indexed size, so the plan's
+    windows still fit."""
+    out, replaced = [], []
+    for i in indices:
+        w, h = int(source.widths[i]), int(source.heights[i])
+        try:
+            data = None if i in known_bad else source.read(i)
+        except OSError:
+            data = None
+        if data is None or probe_bytes(data) != (w, h):
+            data = replacement_image(w, h)
+            replaced.append(int(i))
+        out.append(data)
+    return out, replaced
+
+
+def decodes(source: Source, i: int) -> bool:
+    """Whether file i decodes in full (PIL) to its indexed size: the slow,
+    sure check, for the rare file that passes `probe_bytes` but not a decoder."""
+    try:
+        with Image.open(source.paths[i]) as im:
+            im.load()
+            size = im.size
+            if im.getexif().get(EXIF_ORIENTATION) in _TRANSPOSED_ORIENTATIONS:
+                size = size[::-1]
+        return size == (int(source.widths[i]), int(source.heights[i]))
+    except Exception:
+        return False
+
+
+# The normalisation mean (pipelines/views.py MEAN): a replacement is all zeros once normalised.
+REPLACEMENT_RGB = (124, 116, 104)
+
+
+@functools.lru_cache(maxsize=64)
+def replacement_image(width: int, height: int) -> np.ndarray:
+    """A flat JPEG of REPLACEMENT_RGB, width x height, as a read-only uint8 array."""
+    buf = io.BytesIO()
+    Image.new("RGB", (int(width), int(height)), REPLACEMENT_RGB).save(buf, format="JPEG", quality=95)
+    data = np.frombuffer(buf.getvalue(), dtype=np.uint8)
+    data.flags.writeable = False
+    return data
 
 
 def cache_root(cache_dir: Optional[str] = None) -> pathlib.Path:
@@ -387,14 +440,21 @@ def _index_source(name: str, split: str, shown: str, identity: tuple, paths: lis
     else:
         # Reuse every entry (usable or not) whose file is unchanged; read the headers of the rest.
         known = {p: k for k, p in enumerate(_split_paths(cached["paths"]))} if cached is not None else {}
-        to_probe = []
+        to_probe, modified = [], 0
         for i, path in enumerate(paths):
             k = known.get(path)
             if (k is not None and sizes[i] >= 0 and cached["sizes"][k] == sizes[i]
                     and cached["mtimes"][k] == mtimes[i]):
                 widths[i], heights[i] = cached["widths"][k], cached["heights"][k]
-            elif sizes[i] >= 0:
-                to_probe.append(i)
+            else:
+                modified += k is not None
+                if sizes[i] >= 0:
+                    to_probe.append(i)
+        if cached is not None:
+            added = sum(p not in known for p in paths)
+            removed = len(known) - (n_listed - added)
+            print(f"index of {shown}: {added:,} files added, {removed:,} removed, {modified:,} modified since it "
+                  f"was built; re-reading {len(to_probe):,} headers", file=sys.stderr)
         for i, (w, h) in zip(to_probe, _probe_all([paths[i] for i in to_probe], sizes[to_probe], progress, shown)):
             widths[i], heights[i] = w, h
         _save_index(cache_file, blob, sizes, mtimes, widths, heights)
@@ -410,9 +470,10 @@ def _index_source(name: str, split: str, shown: str, identity: tuple, paths: lis
         print(f"warning: skipped {skipped:,} unreadable {noun} of {n_listed:,} in {shown} (e.g. {first_bad})",
               file=sys.stderr)
     keep = np.flatnonzero(usable)
+    fingerprint = hashlib.sha1(blob + sizes.tobytes() + mtimes.tobytes()).hexdigest()[:16]
     return Source(name=name, split=split, paths=[paths[i] for i in keep], labels=labels[keep].astype(np.int64),
                   widths=widths[keep].astype(np.int32), heights=heights[keep].astype(np.int32),
-                  classes=list(classes), skipped=skipped)
+                  classes=list(classes), skipped=skipped, fingerprint=fingerprint)
 
 
 def _join_paths(paths: list) -> bytes:
@@ -472,30 +533,43 @@ def probe_image(path: str, size: Optional[int] = None) -> tuple:
     try:
         if size is None:
             size = os.path.getsize(path)
-        if size == 0:
-            return _UNUSABLE
         with open(path, "rb") as f:
-            with Image.open(f) as im:
-                fmt = im.format
-                if fmt in ("JPEG", "MPO"):
-                    width, height = im.size
-                    orientation = im.getexif().get(EXIF_ORIENTATION)
-                elif fmt == "PNG":
-                    width, height = im.size
-                    im.verify()
-                    orientation = _orientation_from_exif_bytes(im.info.get("exif"))
-                else:
-                    # Decoding also settles orientation: PIL turns TIFFs itself and drops the tag.
-                    im.load()
-                    width, height = im.size
-                    orientation = im.getexif().get(EXIF_ORIENTATION)
-            if fmt in ("JPEG", "MPO"):
-                f.seek(max(0, size - _JPEG_TAIL_BYTES))
-                if _JPEG_EOI not in f.read():
-                    with Image.open(path) as full:
-                        full.load()  # raises "image file is truncated" when data is missing
+            return _probe(f, size)
     except Exception:  # PIL raises many kinds (OSError, SyntaxError, ValueError, struct.error...)
         return _UNUSABLE
+
+
+def probe_bytes(data) -> tuple:
+    """`probe_image` of an encoded file already in memory (bytes or a uint8 array)."""
+    try:
+        return _probe(io.BytesIO(memoryview(data).cast("B")), len(data))
+    except Exception:
+        return _UNUSABLE
+
+
+def _probe(f, size: int) -> tuple:
+    if size == 0:
+        return _UNUSABLE
+    with Image.open(f) as im:
+        fmt = im.format
+        if fmt in ("JPEG", "MPO"):
+            width, height = im.size
+            orientation = im.getexif().get(EXIF_ORIENTATION)
+        elif fmt == "PNG":
+            width, height = im.size
+            im.verify()
+            orientation = _orientation_from_exif_bytes(im.info.get("exif"))
+        else:
+            # Decoding also settles orientation: PIL turns TIFFs itself and drops the tag.
+            im.load()
+            width, height = im.size
+            orientation = im.getexif().get(EXIF_ORIENTATION)
+    if fmt in ("JPEG", "MPO"):
+        f.seek(max(0, size - _JPEG_TAIL_BYTES))
+        if _JPEG_EOI not in f.read():
+            f.seek(0)
+            with Image.open(f) as full:
+                full.load()  # raises "image file is truncated" when data is missing
     if orientation in _TRANSPOSED_ORIENTATIONS:
         width, height = height, width
     return int(width), int(height)

@@ -9,6 +9,7 @@ benchmarked against.
 from __future__ import annotations
 
 import io
+import signal
 import warnings
 
 import numpy as np
@@ -20,6 +21,7 @@ from torchvision.transforms import InterpolationMode
 
 from . import colour
 from .base import PlannedLoader
+from .data import replacement_image
 from .plan import BatchPlan, CropPlan, Planner
 from .views import MEAN
 
@@ -112,20 +114,30 @@ def paste_mosaics(tiles: np.ndarray, mosaic) -> np.ndarray:
 
 
 def _open(source, i: int):
-    if accimage is not None:
-        img = accimage.Image(source.paths[i])
-        # accimage ignores EXIF orientation; keep it only when the sizes agree
-        # with the index (which stores sizes after orientation).
-        if (img.width, img.height) == (source.widths[i], source.heights[i]):
-            return img
-    return decode(source.read(i))
+    """Image i, or None when its file no longer decodes to its indexed size."""
+    size = (int(source.widths[i]), int(source.heights[i]))
+    try:
+        if accimage is not None:
+            img = accimage.Image(source.paths[i])
+            # accimage ignores EXIF orientation; keep it only when the sizes agree
+            # with the index (which stores sizes after orientation).
+            if (img.width, img.height) == size:
+                return img
+        img = decode(source.read(i))
+    except Exception:  # deleted, truncated or garbage since indexing: PIL raises many kinds
+        return None
+    return img if img.size == size else None
 
 
 def render_plan(plan: BatchPlan, source) -> dict:
     """All pixels of one step: {'crops': {name: [count,B,H,W,3]}, 'original',
-    'mosaic'} as uint8 tensors."""
+    'mosaic'} as uint8 tensors, and 'replaced': the indices of files that
+    no longer decode, rendered from data.replacement_image instead."""
     images = [_open(source, int(i)) for i in plan.index]
-    out = {"crops": {name: torch.from_numpy(render_family(images, cp)) for name, cp in plan.crops.items()}}
+    replaced = [int(i) for i, img in zip(plan.index, images) if img is None]
+    images = [decode(replacement_image(source.widths[i], source.heights[i])) if img is None else img
+              for i, img in zip(plan.index, images)]
+    out = {"replaced": replaced, "crops": {name: torch.from_numpy(render_family(images, cp)) for name, cp in plan.crops.items()}}
     if plan.original is not None:
         out["original"] = torch.from_numpy(render_family(images, plan.original)[0])
     if plan.mosaic is not None:
@@ -180,6 +192,7 @@ class TorchvisionLoader(PlannedLoader):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pin_memory.*")
             for plan, pixels in self._loader:
+                self.replaced += pixels["replaced"]
                 views = self.bookkeeping(plan)
                 views.crops = {k: self.normalize(v) for k, v in pixels["crops"].items()}
                 if "original" in pixels:
@@ -197,3 +210,7 @@ class TorchvisionLoader(PlannedLoader):
 
 def _worker_init(_):
     torch.set_num_threads(1)
+    # The main process turns SIGTERM / SIGINT into a checkpoint and a clean
+    # exit (train.py); a worker that died of it would fail the step instead.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,0 +1,1 @@
+"""Per-method defaults (the yaml files beside this one) and the allowed range of every value (rules.py)."""

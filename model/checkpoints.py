@@ -1,0 +1,184 @@
+"""Checkpoints that cannot be lost, and a stop on SIGTERM / SIGINT that writes one.
+
+A run directory holds `checkpoint.pth` and the one before it,
+`checkpoint.prev.pth`. `save` serialises the state in memory, writes it to
+a temporary file in the run directory, flushes and fsyncs it, moves the
+current checkpoint to `.prev`, renames the new file into place and fsyncs
+the directory: a kill or a power cut at any point leaves at least one
+complete checkpoint, and a full disk leaves the previous ones untouched.
+
+`load` takes the newest checkpoint that reads back and belongs to the run
+(its method, this trainer's format). A file that does not gets one warning
+line with the reason, and the previous checkpoint is used, with a warning
+that says how many steps will be trained again. If files exist but none is
+usable, it raises: a run never starts over silently.
+
+Exit codes of train.py: 0 done, 2 bad input (a flag, the data, no usable
+checkpoint, a full disk), 3 a NaN or inf loss, 75 stopped by SIGTERM or
+SIGINT after writing a checkpoint (EX_TEMPFAIL: run the same command again).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+CURRENT, PREVIOUS = "checkpoint.pth", "checkpoint.prev.pth"
+# Bumped when the layout of a checkpoint changes; files without the key are format 1.
+FORMAT = 1
+REQUIRED_KEYS = ("model", "optimizer", "scaler", "loader", "step", "epoch", "config")
+EXIT_NONFINITE, EXIT_PREEMPTED = 3, 75
+
+
+class CheckpointError(Exception):
+    """No usable checkpoint, or one could not be written: one line, exit code 2."""
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(run_dir: Path, state: dict) -> Path:
+    """Write `state` as run_dir/checkpoint.pth, keeping the last one as checkpoint.prev.pth."""
+    run_dir = Path(run_dir)
+    path = run_dir / CURRENT
+    # Serialised in memory first: torch.save streaming into a file turns a
+    # failed write (ENOSPC) into an opaque RuntimeError; a plain write keeps the errno.
+    buffer = io.BytesIO()
+    torch.save({**state, "format": FORMAT}, buffer)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".checkpoint.", suffix=".tmp", dir=run_dir)
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            os.replace(path, run_dir / PREVIOUS)
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(run_dir)
+    except OSError as e:
+        kept = [p.name for p in (path, run_dir / PREVIOUS) if p.exists()]
+        raise CheckpointError(f"could not write a checkpoint in {run_dir}: {e.strerror or e}; "
+                              + (f"{' and '.join(kept)} there are intact" if kept else "no checkpoint was there yet"))
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    return path
+
+
+def read(path: Path, method: str | None = None, device="cpu") -> tuple[dict | None, str | None]:
+    """(state, None) for a usable checkpoint, else (None, the reason it is not)."""
+    try:
+        if path.stat().st_size == 0:
+            return None, "empty file"
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # zipfile, pickle and OS errors all mean the same here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return None, f"unreadable, truncated or damaged ({first[:120]})"
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        return None, "not a viewforge checkpoint (keys missing)"
+    if state.get("format", 1) != FORMAT:
+        return None, f"checkpoint format {state.get('format')} (another version of viewforge); this one reads {FORMAT}"
+    other = state["config"].get("method") if isinstance(state["config"], dict) else None
+    if method is not None and other != method:
+        return None, f"a {other} checkpoint; this run trains {method}"
+    return state, None
+
+
+def last_logged_step(run_dir: Path) -> int | None:
+    """The largest step in run_dir/log.jsonl (what a lost checkpoint had reached), if any."""
+    try:
+        lines = (Path(run_dir) / "log.jsonl").read_text().splitlines()
+    except OSError:
+        return None
+    steps = []
+    for line in lines:
+        try:
+            steps.append(int(json.loads(line)["step"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a kill
+    return max(steps, default=None)
+
+
+def load(run_dir: Path, method: str | None = None, device="cpu", warn=_warn) -> tuple[dict | None, Path | None]:
+    """(state, path) of the newest usable checkpoint in run_dir; (None, None) when there is none at all.
+    Raises CheckpointError when checkpoints exist but none is usable."""
+    run_dir = Path(run_dir)
+    refused = []
+    for name in (CURRENT, PREVIOUS):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        state, reason = read(path, method, device)
+        if reason is not None:
+            warn(f"{path}: {reason}; not used")
+            refused.append(f"{name}: {reason}")
+            continue
+        if refused:
+            reached = last_logged_step(run_dir)
+            step = int(state["step"])
+            again = (f"{reached - step} steps ({step + 1} to {reached}) will be trained again"
+                     if reached is not None and reached > step else f"steps after {step} will be trained again")
+            warn(f"falling back to {path} (step {step}); {again}")
+        return state, path
+    if refused:
+        raise CheckpointError(f"no usable checkpoint in {run_dir} ({'; '.join(refused)}); "
+                              "move these files away to start the run over")
+    return None, None
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT only set `received`: the training loop
+    finishes its step, writes a checkpoint and exits with EXIT_PREEMPTED.
+    A second signal stops at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    active: list = []
+
+    @classmethod
+    def restore_all(cls) -> None:
+        """Put back the handlers of every instance still active (train.main's cleanup)."""
+        while cls.active:
+            cls.active[-1].__exit__()
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self):
+        for s in self.SIGNALS:
+            self._old[s] = signal.signal(s, self._handle)
+        StopSignals.active.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
+        if self in StopSignals.active:
+            StopSignals.active.remove(self)
+        return False
