@@ -50,8 +50,10 @@ launcher=()
 if [ -n "${CONTAINER:-}" ]; then
   case "${CONTAINER_RUNTIME:-apptainer}" in
     apptainer) launcher=(apptainer exec --nv --bind "$PWD" --pwd "$PWD" "$CONTAINER") ;;
-    podman) launcher=(podman ${PODMAN_ARGS:-} run --rm --network host --ipc host --user "$(id -u):$(id -g)"
-                      -v "$PWD:$PWD" -w "$PWD" -e "VIEWFORGE_CACHE=${VIEWFORGE_CACHE:-$PWD/runs/.cache}"
+    podman) cache=${VIEWFORGE_CACHE:-$PWD/runs/.cache}
+            mkdir -p "$cache"
+            launcher=(podman ${PODMAN_ARGS:-} run --rm --network host --ipc host --user "$(id -u):$(id -g)"
+                      -v "$PWD:$PWD" -w "$PWD" -v "$cache:$cache" -e "VIEWFORGE_CACHE=$cache"
                       -e HOME=/tmp --entrypoint "" "$CONTAINER") ;;
     *) echo "CONTAINER_RUNTIME must be apptainer or podman" >&2; exit 2 ;;
   esac

@@ -12,11 +12,17 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 export DEBIAN_FRONTEND=noninteractive
 start=$SECONDS
+budget=${CLUSTER_STAGE_BUDGET:-1140}  # seconds for the whole stage (.ci/run allows 20 minutes)
 failed=0
 step() { echo "== cluster: $*"; }
 part() {  # part <seconds> <name> <script> [args]: run, report its time, note a failure
   local limit=$1 name=$2; shift 2
-  local t0=$SECONDS rc=0
+  local t0=$SECONDS rc=0 left=$((budget - (SECONDS - start) - 45))
+  if [ "$left" -lt 90 ]; then
+    echo "== cluster: $name SKIPPED: the stage's time budget ($budget s) is spent"
+    return 1
+  fi
+  [ "$limit" -le "$left" ] || limit=$left
   timeout --kill-after=30 "$limit" "$@" || rc=$?
   if [ "$rc" -eq 0 ]; then
     echo "== cluster: $name passed in $((SECONDS - t0)) s"

@@ -9,7 +9,7 @@ rm -rf "$runs/train" && mkdir -p "$runs" "$cache" && chmod 777 "$runs" "$cache" 
 say "training 3 steps in $CPU_IMAGE"
 timeout 600 podman --runtime runc --cgroup-manager cgroupfs run --rm --network host \
   -v "$runs:/workspace/viewforge/runs" -v "$cache:/cache" "$CPU_IMAGE" \
-  --method simclr --pipeline dali --run-dir runs/train --max-steps 3 --batch-size 16 --image-size 32 \
+  --method simclr --pipeline dali --run-dir runs/train --max-steps 3 --batch-size 16 --image-size 32 --amp fp32 \
   --knn-every 0 --log-every 1 --workers 1 > "$STATE/image-train.log" 2>&1 \
   || { tail -n 30 "$STATE/image-train.log" >&2; exit 1; }
 grep -E '^(simclr on|done)' "$STATE/image-train.log" || true
