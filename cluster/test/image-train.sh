@@ -7,7 +7,7 @@ runs="$STATE/image-runs"
 cache="$STATE/container-cache"
 rm -rf "$runs/train" && mkdir -p "$runs" "$cache" && chmod 777 "$runs" "$cache"  # the image's user is uid 1000
 say "training 3 steps in $CPU_IMAGE"
-timeout 600 podman --runtime runc --cgroup-manager cgroupfs run --rm --network host \
+podman --runtime runc --cgroup-manager cgroupfs run --rm --timeout 600 --network host \
   -v "$runs:/workspace/viewforge/runs" -v "$cache:/cache" "$CPU_IMAGE" \
   --method simclr --pipeline dali --run-dir runs/train --max-steps 3 --batch-size 16 --image-size 32 --amp fp32 \
   --knn-every 0 --log-every 1 --workers 1 > "$STATE/image-train.log" 2>&1 \

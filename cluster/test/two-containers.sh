@@ -10,9 +10,15 @@ cache="$STATE/container-cache"
 rm -rf "$runs/two-nodes" && mkdir -p "$runs" "$cache" && chmod 777 "$runs" "$cache"
 port=$(python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 say "two containers, c10d rendezvous on 127.0.0.1:$port"
+cleanup() { podman --runtime runc --cgroup-manager cgroupfs rm -f -t 0 viewforge-node0 viewforge-node1 > /dev/null 2>&1 || true; }
+cleanup
+trap cleanup EXIT
 pids=()
 for node in 0 1; do
-  timeout 600 podman --runtime runc --cgroup-manager cgroupfs run --rm --network host \
+  # c10d tells the nodes apart by (address, pid): both addresses are 127.0.0.1
+  # and torchrun would be pid 1 in both containers, so they share the host's pids.
+  podman --runtime runc --cgroup-manager cgroupfs run --rm --name "viewforge-node$node" --timeout 600 \
+    --network host --pid host \
     -e NNODES=2 -e NPROC_PER_NODE=1 -e RDZV_ENDPOINT="127.0.0.1:$port" -e RDZV_ID=two-containers \
     -e TORCHRUN_ARGS="--local-addr 127.0.0.1" -e OMP_NUM_THREADS=1 \
     -v "$runs:/workspace/viewforge/runs" -v "$cache:/cache" "$CPU_IMAGE" \
