@@ -12,8 +12,9 @@
 source "$(dirname "$0")/lib.sh"
 eval "$("$(dirname "$0")/slurm-up.sh")"
 requeues=${REQUEUES:-2}
-ckpt=4
-steps=$(( requeues > 0 ? 24 : 8 ))
+ckpt=2
+# Enough steps after each requeue point that a fast machine cannot finish first.
+steps=$(( requeues > 0 ? 30 : 6 ))
 out="$STATE/slurm-job"
 mkdir -p "$out"
 cd "$REPO"
@@ -44,7 +45,7 @@ wait_for() {  # wait_for <seconds> <what> <command...>
       scancel "$job" 2>/dev/null || true
       exit 1
     fi
-    sleep 1
+    sleep 0.3
   done
 }
 past() { [ "$(last_step)" -ge "$1" ]; }
@@ -63,7 +64,7 @@ if [ "$requeues" -ge 1 ]; then
   pending_now
 fi
 if [ "$requeues" -ge 2 ]; then
-  wait_for 600 "the first requeue to train past step $((3 * ckpt + 2))" past $((3 * ckpt + 2))
+  wait_for 600 "the first requeue to train past step $((5 * ckpt))" past $((5 * ckpt))
   say "step $(last_step): scontrol requeue"
   scontrol requeue "$job"
   pending_now
