@@ -8,6 +8,8 @@
 #   anything else: docker run --entrypoint python3 viewforge ...
 set -eu
 cd /workspace/viewforge
+# torchrun's restarts need a fresh rendezvous store per round (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
   [ "${NPROC_PER_NODE:-0}" -ge 1 ] || NPROC_PER_NODE=1

@@ -59,6 +59,9 @@ if [ -n "${CONTAINER:-}" ]; then
   esac
 fi
 
+# torchrun's restarts (--max-restarts) need a fresh store per round (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+
 requeue() {
   trap '' USR1 TERM  # once: the requeue itself sends TERM
   echo "$(date -Is) signal received: requeueing job $SLURM_JOB_ID"

@@ -23,7 +23,10 @@ STEPS = 12
 RUN = ["--method", "simclr", "--pipeline", "torchvision", "--epochs", "4", "--knn-every", "0", "--ckpt-every", "2",
        "--amp", "fp32", "--log-samples", "--image-size", "16", "--batch-size", "16", "--arch", "resnet18",
        "--small-stem", "--workers", "0", "--log-every", "1"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# A restarted group must not share the rendezvous store of the group it
+# replaces: stale keys send the new ranks to the dead ones' ports
+# (pytorch/pytorch#135712; seen here as "Gloo connectFullMesh failed").
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def free_port() -> int:
