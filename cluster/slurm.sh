@@ -7,9 +7,11 @@
 #   CONTAINER=viewforge.sif sbatch ... cluster/slurm.sh ...        # inside Apptainer (see cluster/README.md)
 #   CONTAINER=localhost/viewforge:cpu CONTAINER_RUNTIME=podman sbatch ... cluster/slurm.sh ...
 #
-# Preemption and the time limit: Slurm sends SIGUSR1 to this script 3 minutes
-# before the end (--signal) and SIGTERM on preemption; either requeues the
-# job (`scontrol requeue`). The requeued job keeps its id, so it finds its
+# The time limit and preemption: Slurm sends SIGUSR1 to this script 3 minutes
+# before the time limit (--signal), and the script requeues the job
+# (`scontrol requeue`); a preempted job is requeued by Slurm itself (--requeue,
+# with the cluster's PreemptMode=REQUEUE). SIGTERM is left alone, so that
+# scancel still ends the job. The requeued job keeps its id, so it finds its
 # run directory, runs/<job name>-<job id>, and train.py resumes from the
 # checkpoint there (every epoch end, and every --ckpt-every steps: set it so
 # that little is lost). RUN_DIR=runs/<name> makes a resubmission resume too.
@@ -54,7 +56,7 @@ if [ -n "${CONTAINER:-}" ]; then
             mkdir -p "$cache"
             launcher=(podman ${PODMAN_ARGS:-} run --rm --network host --ipc host --user "$(id -u):$(id -g)"
                       -v "$PWD:$PWD" -w "$PWD" -v "$cache:$cache" -e "VIEWFORGE_CACHE=$cache"
-                      -e HOME=/tmp --entrypoint "" "$CONTAINER") ;;
+                      -e TORCH_DISABLE_SHARE_RDZV_TCP_STORE -e HOME=/tmp --entrypoint "" "$CONTAINER") ;;
     *) echo "CONTAINER_RUNTIME must be apptainer or podman" >&2; exit 2 ;;
   esac
 fi
@@ -63,11 +65,11 @@ fi
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 requeue() {
-  trap '' USR1 TERM  # once: the requeue itself sends TERM
-  echo "$(date -Is) signal received: requeueing job $SLURM_JOB_ID"
+  trap '' USR1
+  echo "$(date -Is) SIGUSR1: the time limit is near, requeueing job $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID"
 }
-trap requeue USR1 TERM
+trap requeue USR1
 
 echo "$(date -Is) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES node(s) x $nproc process(es), run dir $run_dir"
 # In the background, so that the trap runs as soon as a signal arrives.
