@@ -1,6 +1,8 @@
 """Check a run's log.jsonl after restarts: every launch logs consecutive
-steps, each restart goes back to just after a checkpoint, and the run ends
-at its last step with every step logged.
+steps, a launch that resumes goes back to just after a checkpoint (a step
+logged before the stop is logged again; one stopped right after a checkpoint
+goes on with the next step, and shows no repeat), and the run ends at its
+last step with every step logged.
 
     python3 cluster/test/check_log.py RUN_DIR --steps 24 --ckpt-every 4 --restarts 2
 """
@@ -15,13 +17,13 @@ def main() -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--ckpt-every", type=int, required=True)
-    p.add_argument("--restarts", type=int, required=True)
+    p.add_argument("--restarts", type=int, required=True, help="launches after the first, at most")
     a = p.parse_args()
     logged = [r["step"] for r in map(json.loads, (a.run_dir / "log.jsonl").read_text().splitlines()) if "loss" in r]
     restarts = [i for i in range(1, len(logged)) if logged[i] <= logged[i - 1]]
     problems = []
-    if len(restarts) != a.restarts:
-        problems.append(f"{len(restarts)} restarts, expected {a.restarts}")
+    if len(restarts) > a.restarts:
+        problems.append(f"{len(restarts)} restarts, expected at most {a.restarts}")
     if any(b != a_ + 1 for a_, b in zip(logged, logged[1:]) if b > a_):
         problems.append("a gap in the logged steps")
     if any((logged[i] - 1) % a.ckpt_every for i in restarts):

@@ -71,7 +71,7 @@ if [ "$requeues" -ge 2 ]; then
 fi
 wait_for 900 "the job to complete" done_ok
 say "job $job completed"
-grep -a -o -E '(job [0-9]+ \(restart [0-9]+\)|signal received|resumed from).*' "$output" | cut -c1-150 || true
+grep -a -o -E '(job [0-9]+ \(restart [0-9]+\)|SIGUSR1|resumed from).*' "$output" | cut -c1-150 || true
 python3 "$REPO/cluster/test/check_log.py" "$run_dir" --steps "$steps" --ckpt-every "$ckpt" --restarts "$requeues"
 resumed=$(grep -a -c 'resumed from' "$output" || true)
 [ "$resumed" -eq "$requeues" ] || { echo "FAIL: $resumed resumptions in $output, expected $requeues" >&2; exit 1; }
