@@ -48,8 +48,8 @@ ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT / "configs"
 # Flags that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "linear_epochs", "pipeline", "workers", "knn_every", "log_every",
-                     "ckpt_every", "keep_every", "tensorboard", "stop_after", "eval", "export", "compile", "cpu_graph", "device", "run_dir",
-                     "data_changed"}
+                     "ckpt_every", "keep_every", "tensorboard", "log_samples", "stop_after", "eval", "export", "compile",
+                     "cpu_graph", "device", "run_dir", "data_changed"}
 
 
 class UserError(Exception):
@@ -86,6 +86,8 @@ def get_args_parser(method_defaults: dict | None = None) -> argparse.ArgumentPar
     p.add_argument("--keep-every", type=int, default=0,
                    help="also keep every N-th step's checkpoint as checkpoint-step<N>.pth (learning curves)")
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard in the run dir")
+    p.add_argument("--log-samples", action="store_true",
+                   help="every rank logs its dataset indices of every step to samples-rank<r>.jsonl")
     p.add_argument("--max-steps", type=int, default=0, help="train N steps in all (schedules span them), even mid-epoch")
     p.add_argument("--stop-after", type=int, default=0, help="stop (as if killed) after N steps of this process")
     p.add_argument("--eval", choices=["linear"], default=None, help="evaluate the run's backbone instead of training")
@@ -449,6 +451,7 @@ def run(argv: list[str]) -> int:
             from bench import show
             show.add_views_to_tensorboard(writer, cfg, method.spec(cfg), train_src, device)
     log_file = open(run_dir / "log.jsonl", "a") if is_main() else None
+    samples_file = open(run_dir / f"samples-rank{rank}.jsonl", "a") if cfg.log_samples else None
 
     # A NaN or inf loss is noted on the device (no sync per step) and looked at
     # before every log line and checkpoint, so no checkpoint follows a bad step.
@@ -525,9 +528,17 @@ def run(argv: list[str]) -> int:
             steps_this_process += 1
             seen += views.batch_size * world
             bar.update(1)
+            if samples_file:
+                samples_file.write(json.dumps({"step": global_step, "rank": rank, "world": world,
+                                               "index": views.index.tolist()}) + "\n")
+                samples_file.flush()
             if global_step % cfg.log_every == 0 or loader.step == steps_per_epoch or global_step == total_steps:
                 now = time.perf_counter()
-                record = {"step": global_step, "epoch": epoch, "loss": loss.item(),
+                loss_value = loss.detach().float()
+                if world > 1:  # the global batch's loss (equal local batches), whatever the number of processes
+                    dist.all_reduce(loss_value)
+                    loss_value /= world
+                record = {"step": global_step, "epoch": epoch, "loss": loss_value.item(),
                           "lr": float(lr_schedule[global_step - 1]), "img_s": seen / (now - t_last)}
                 record.update({k: float(v) for k, v in metrics.items()})
                 t_last, seen = now, 0

@@ -78,10 +78,21 @@ class PlannedLoader(abc.ABC):
                 "batch_size": self.batch_size, "world_size": self.planner.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        for k in ("seed", "batch_size", "world_size"):
-            if k in state and state[k] != self.state_dict()[k]:
-                raise PipelineError(f"cannot resume: the checkpoint's loader has {k}={state[k]}, "
-                                    f"this run {self.state_dict()[k]}")
+        """Resume at the checkpoint's (epoch, step). Another number of
+        processes is fine when the global batch (batch_size * world_size) is
+        unchanged: the plan keys every sample on its place in the epoch's
+        global order, so the run continues with the same global batches."""
+        mine = self.state_dict()
+        if "seed" in state and state["seed"] != mine["seed"]:
+            raise PipelineError(f"cannot resume: the checkpoint's loader has seed={state['seed']}, "
+                                f"this run {mine['seed']}")
+        if "batch_size" in state:
+            theirs = state["batch_size"] * state.get("world_size", mine["world_size"])
+            if theirs != self.planner.global_batch:
+                raise PipelineError(f"cannot resume: the checkpoint's global batch is {theirs} "
+                                    f"({state['batch_size']} x {state.get('world_size', mine['world_size'])} "
+                                    f"processes), this run's {self.planner.global_batch} "
+                                    f"({mine['batch_size']} x {mine['world_size']})")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 
     def close(self) -> None:

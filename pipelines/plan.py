@@ -1,11 +1,24 @@
 """The planner: every random choice of a training step, from its key.
 
-A step's key is (seed, epoch, rank, step). From it the planner draws, with a
-counter-based generator (splitmix64, integer arithmetic only, so the same key
-gives the same plan on any machine), which samples form the batch and every
-augmentation parameter of every view. Pipelines only render plans, so a step
-is reproducible, a run resumes exactly mid-epoch, and pipelines can be tested
-against each other.
+Every draw comes from a counter-based generator (splitmix64, integer
+arithmetic only, so the same key gives the same plan on any machine). The
+epoch's order of samples is drawn from (seed, epoch); every per-sample draw
+(crop windows, flips, colour, blur, the mosaic's tiles, SCRL boxes) from
+(seed, epoch, the sample's position in that global order). The global batch
+of global step s is positions [s*G, (s+1)*G) for the global batch G, and
+rank r of W renders the slice [s*G + r*G/W, s*G + (r+1)*G/W): so the global
+batch and every view of it are the same whatever the number of processes,
+and a run checkpointed on 8 processes resumes exactly on 4 (same G).
+Pipelines only render plans, so a step is reproducible, a run resumes
+exactly mid-epoch, and pipelines can be tested against each other.
+
+What still depends on the number of processes, and why: the mosaic grouping
+(which images share a canvas, and each canvas's jitter) is drawn within a
+rank's batch, because a canvas is pasted from images one rank holds; a
+method's in-batch terms (SCRL's pairs are per image and do not change, but
+BatchNorm statistics, shuffle-BN and negatives not gathered across ranks
+are per rank); and the order of float reductions (DDP's gradient all-reduce,
+gathers) changes the last bits.
 
 The kernels are Numba-compiled and work per batch: one call per view family.
 """
@@ -43,11 +56,13 @@ def _mix(z):
 
 
 @numba.njit(cache=True)
-def _key(seed, epoch, rank, step, stream):
+def _key(seed, epoch, a, b, stream):
+    # (a, b) is (0, 0) for the epoch-wide streams; the mosaic grouping uses
+    # (first position, length) of a rank's batch.
     k = _mix(np.uint64(seed) + _GOLDEN)
     k = _mix(k ^ (np.uint64(epoch) + _GOLDEN))
-    k = _mix(k ^ (np.uint64(rank) + _GOLDEN))
-    k = _mix(k ^ (np.uint64(step) + _GOLDEN))
+    k = _mix(k ^ (np.uint64(a) + _GOLDEN))
+    k = _mix(k ^ (np.uint64(b) + _GOLDEN))
     return _mix(k ^ (np.uint64(stream) + _GOLDEN))
 
 
@@ -181,12 +196,14 @@ def _aug_row(aug: AugSpec) -> list:
 
 
 @numba.njit(cache=True, nogil=True)
-def _plan_views(key, stream, widths, heights, index, augs, s0, s1, logr0, logr1, whole):
+def _plan_views(key, stream, widths, heights, index, positions, augs, s0, s1, logr0, logr1, whole):
     """Plan `augs.shape[0]` views of each sample of `index`.
 
     whole=True keeps the whole image (the 'original' view) instead of a
-    random-resized crop. Each (view, sample) has its own substream, so one
-    view's draws never shift another's.
+    random-resized crop. Each (view, sample) has its own substream, keyed
+    on the sample's position in the epoch's global order (`positions`), so
+    one view's draws never shift another's and a sample's views do not
+    depend on which rank renders it.
     """
     count, batch = augs.shape[0], index.shape[0]
     window = np.empty((count, batch, 4), np.int32)
@@ -200,7 +217,7 @@ def _plan_views(key, stream, widths, heights, index, augs, s0, s1, logr0, logr1,
     for v in range(count):
         a = augs[v]
         for b in range(batch):
-            s = _seed(key, stream * 65536 + v, b)
+            s = _seed(key, stream * 65536 + v, positions[b])
             width, height = widths[index[b]], heights[index[b]]
             if whole:
                 window[v, b, 0], window[v, b, 1], window[v, b, 2], window[v, b, 3] = 0, 0, height, width
@@ -483,11 +500,12 @@ def _pair_boxes(window, flip, size, frame, count):
 
 
 @numba.njit(cache=True, error_model="numpy", nogil=True)
-def _pair_draws(key, window, size, k, min_size, max_iou, tries):
+def _pair_draws(key, window, size, k, min_size, max_iou, tries, positions):
     """The random part of SCRL pairs: frame boxes int64 [B, k, 4] (x0, y0,
     x1, y1; rows from count[b] on are zero) and count int32 [B]. Image b
-    draws from substream (0, b) of `key`; an image whose frame is under
-    min_size (or whose windows do not meet) gets none."""
+    draws from substream (0, positions[b]) of `key` (its place in the
+    epoch's global order); an image whose frame is under min_size (or whose
+    windows do not meet) gets none."""
     batch = window.shape[1]
     min_size = max(min_size, 1)
     frame = np.zeros((batch, k, 4), np.int64)
@@ -497,7 +515,7 @@ def _pair_draws(key, window, size, k, min_size, max_iou, tries):
         ix, iy, wmax, hmax, fw, fh = _pair_frame(window, b, size)
         if fw < min_size or fh < min_size:
             continue
-        count[b] = _pair_sample(_seed(key, 0, b), fw, fh, k, min_size, max_iou, tries, frame[b], cells[0],
+        count[b] = _pair_sample(_seed(key, 0, positions[b]), fw, fh, k, min_size, max_iou, tries, frame[b], cells[0],
                                 cells[1])
     return frame, count
 
@@ -596,14 +614,15 @@ class BatchPlan:
 
 # ---------------------------------------------------------------- planner
 class Planner:
-    """Plans the steps of one rank.
+    """Plans the steps of one rank; `batch_size` is this rank's share.
 
-    Each epoch is a permutation of the dataset drawn from (seed, epoch);
-    rank r takes every world_size-th element from position r, so the ranks'
-    shards are disjoint and together cover the epoch (less the remainder of
-    N / world_size, which the next epoch's permutation moves elsewhere). A
-    rank's shard is cut into full batches; the last partial batch is
-    dropped, as is usual for contrastive losses.
+    Each epoch is a permutation of the dataset drawn from (seed, epoch), cut
+    into global batches of G = batch_size * world_size; at step s, rank r
+    takes positions [s*G + r*batch_size, s*G + (r+1)*batch_size). The ranks'
+    shards are disjoint, and the global batch of a step (and, keyed on
+    positions, every view of it) is the same for any world size with the
+    same G. The last partial global batch is dropped, as is usual for
+    contrastive losses; the next epoch's permutation moves it elsewhere.
     """
 
     def __init__(self, spec: ViewSpec, widths, heights, batch_size: int, seed: int = 0,
@@ -623,15 +642,16 @@ class Planner:
         if self.batch_size < 1 or per_rank < self.batch_size:
             raise ValueError(f"batch size {batch_size} is larger than the {per_rank} images each of "
                              f"{world_size} rank(s) gets from {len(self.widths)}")
+        self.global_batch = self.batch_size * self.world_size
         if spec.mosaic is not None and self.batch_size < spec.mosaic.crops_per_image:
             raise ValueError(f"a mosaic of {spec.mosaic.crops_per_image} distinct images needs a batch "
                              f"of at least that many, not {batch_size}")
-        self.steps_per_epoch = per_rank // self.batch_size
+        self.steps_per_epoch = len(self.widths) // self.global_batch
         self._augs = {c.name: np.array([_aug_row(c.aug(v)) for v in range(c.count)], np.float64)
                       for c in spec.crops}
         if spec.mosaic is not None:
             self._mosaic_augs = np.array([_aug_row(spec.mosaic.aug)] * spec.mosaic.crops_per_image, np.float64)
-        self._shard_epoch, self._shard = None, None
+        self._order_epoch, self._order = None, None
         self._pool, self._pool_pid = None, None
 
     def __getstate__(self):  # threads do not travel to worker processes
@@ -649,54 +669,64 @@ class Planner:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
+    def order(self, epoch: int) -> np.ndarray:
+        """The epoch's global order of samples (all ranks, before batching)."""
+        if self._order_epoch != epoch:
+            self._order = _permutation(len(self.widths), np.uint64(_key(self.seed, epoch, 0, 0, _STREAM_PERM)))
+            self._order_epoch = epoch
+        return self._order
+
+    def positions(self, step: int) -> np.ndarray:
+        """int64 [batch_size]: the places in the epoch's global order of this rank's samples at `step`."""
+        start = step * self.global_batch + self.rank * self.batch_size
+        return np.arange(start, start + self.batch_size, dtype=np.int64)
+
     def shard(self, epoch: int) -> np.ndarray:
-        """This rank's sample order for `epoch` (all of it, before batching)."""
-        if self._shard_epoch != epoch:
-            n = len(self.widths)
-            perm = _permutation(n, np.uint64(_key(self.seed, epoch, 0, 0, _STREAM_PERM)))
-            usable = (n // self.world_size) * self.world_size
-            self._shard = perm[self.rank:usable:self.world_size]
-            self._shard_epoch = epoch
-        return self._shard
+        """This rank's sample order for `epoch` (all of its steps, before batching)."""
+        order = self.order(epoch)[:self.steps_per_epoch * self.global_batch]
+        return order.reshape(self.steps_per_epoch, self.world_size, self.batch_size)[:, self.rank].reshape(-1)
 
     def plan(self, epoch: int, step: int) -> BatchPlan:
         if not 0 <= step < self.steps_per_epoch:
             raise IndexError(f"step {step} outside epoch of {self.steps_per_epoch} steps")
-        b = self.batch_size
-        index = np.ascontiguousarray(self.shard(epoch)[step * b:(step + 1) * b])
+        positions = self.positions(step)
+        index = np.ascontiguousarray(self.order(epoch)[positions])
         out = BatchPlan(epoch=epoch, step=step, index=index)
         # The mosaic depends on nothing else in the plan and its kernels
         # release the GIL, so it is planned on a second thread meanwhile.
         mosaic = None
         if self.spec.mosaic is not None:
-            mosaic = self._second_thread().submit(self._mosaic, epoch, step, index)
+            mosaic = self._second_thread().submit(self._mosaic, epoch, index, positions)
         for i, c in enumerate(self.spec.crops):
-            key = _key(self.seed, epoch, self.rank, step, _STREAM_CROPS + i)
-            out.crops[c.name] = self._views(key, index, self._augs[c.name], c.scale, c.ratio, False,
+            key = _key(self.seed, epoch, 0, 0, _STREAM_CROPS + i)
+            out.crops[c.name] = self._views(key, index, positions, self._augs[c.name], c.scale, c.ratio, False,
                                             c.size, tuple(c.aug(v) for v in range(c.count)))
         if self.spec.original is not None:
             o = self.spec.original
-            key = _key(self.seed, epoch, self.rank, step, _STREAM_ORIGINAL)
-            out.original = self._views(key, index, np.array([_aug_row(o.aug)]), (1.0, 1.0), (1.0, 1.0),
-                                       True, o.size, (o.aug,))
+            key = _key(self.seed, epoch, 0, 0, _STREAM_ORIGINAL)
+            out.original = self._views(key, index, positions, np.array([_aug_row(o.aug)]), (1.0, 1.0),
+                                       (1.0, 1.0), True, o.size, (o.aug,))
         if self.spec.pairs is not None:
-            out.pairs = self._pairs(epoch, step, out.crops[self.spec.pairs.family])
+            out.pairs = self._pairs(epoch, positions, out.crops[self.spec.pairs.family])
         if mosaic is not None:
             out.mosaic = mosaic.result()
         return out
 
-    def _views(self, key, index, augs, scale, ratio, whole, size, aug_specs) -> CropPlan:
-        arrays = _plan_views(np.uint64(key), 0, self.widths, self.heights, index, augs, float(scale[0]),
-                             float(scale[1]), math.log(ratio[0]), math.log(ratio[1]), whole)
+    def _views(self, key, index, positions, augs, scale, ratio, whole, size, aug_specs) -> CropPlan:
+        arrays = _plan_views(np.uint64(key), 0, self.widths, self.heights, index, positions, augs,
+                             float(scale[0]), float(scale[1]), math.log(ratio[0]), math.log(ratio[1]), whole)
         return CropPlan(*arrays, size=size, augs=aug_specs)
 
-    def _mosaic(self, epoch, step, index) -> MosaicPlan:
+    def _mosaic(self, epoch, index, positions) -> MosaicPlan:
         ms = self.spec.mosaic
         m = ms.crops_per_image
-        key = _key(self.seed, epoch, self.rank, step, _STREAM_MOSAIC)
-        crops = self._views(key, index, self._mosaic_augs, ms.scale, ms.ratio, False, ms.crop_size,
+        key = _key(self.seed, epoch, 0, 0, _STREAM_MOSAIC)
+        crops = self._views(key, index, positions, self._mosaic_augs, ms.scale, ms.ratio, False, ms.crop_size,
                             (ms.aug,) * m)
-        key = _key(self.seed, epoch, self.rank, step, _STREAM_MOSAIC_GROUP)
+        # Which images share a canvas is drawn per rank's batch (a canvas is
+        # pasted from images one rank holds), keyed on where the batch starts
+        # and how long it is: the same slice of the global order gives the same mosaics.
+        key = _key(self.seed, epoch, int(positions[0]), len(positions), _STREAM_MOSAIC_GROUP)
         # |shift| < crop keeps at least one row and column of every tile visible.
         tile_src, tile_crop, shift = _mosaic_draws(np.uint64(key), len(index), m, int(ms.jitter),
                                                    ms.crop_size - 1)
@@ -704,14 +734,15 @@ class Planner:
         return MosaicPlan(crops=crops, tile_src=tile_src, tile_crop=tile_crop, shift=shift, paste=paste,
                           rois=rois, src=src, weight=weight, canvas_size=ms.canvas_size)
 
-    def _pairs(self, epoch, step, crops: CropPlan) -> PairPlan:
+    def _pairs(self, epoch, positions, crops: CropPlan) -> PairPlan:
         ps = self.spec.pairs
-        key = _key(self.seed, epoch, self.rank, step, _STREAM_PAIRS)
+        key = _key(self.seed, epoch, 0, 0, _STREAM_PAIRS)
         frame, count = _pair_draws(np.uint64(key), crops.window, crops.size, ps.boxes_per_image, ps.min_size,
-                                   float(ps.max_iou), ps.tries)
+                                   float(ps.max_iou), ps.tries, positions)
         return PairPlan(boxes=_pair_boxes(crops.window, crops.flip, crops.size, frame, count), count=count)
 
 
-def step_key(seed: int, epoch: int, rank: int, step: int, stream: int = 0) -> int:
-    """The 64-bit key of a step (exposed for tests and logging)."""
-    return int(_key(seed, epoch, rank, step, stream))
+def step_key(seed: int, epoch: int, a: int, b: int, stream: int = 0) -> int:
+    """The 64-bit key of a stream (exposed for tests): (a, b) = (0, 0) for
+    the epoch-wide streams, (first position, length) for a mosaic grouping."""
+    return int(_key(seed, epoch, a, b, stream))

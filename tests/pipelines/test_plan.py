@@ -241,7 +241,7 @@ def ref_pair_sample(rng: Rng, fw, fh, k, min_size, max_iou, tries):
     return boxes
 
 
-def ref_pair_draws(key, window, size, k, min_size, max_iou, tries):
+def ref_pair_draws(key, window, size, k, min_size, max_iou, tries, positions):
     batch = window.shape[1]
     min_size = max(min_size, 1)
     frame = np.zeros((batch, k, 4), np.int64)
@@ -250,7 +250,7 @@ def ref_pair_draws(key, window, size, k, min_size, max_iou, tries):
         *_, fw, fh = ref_pair_frame(window, b, size)
         if fw < min_size or fh < min_size:
             continue
-        boxes = ref_pair_sample(Rng(key, 0, b), fw, fh, k, min_size, max_iou, tries)
+        boxes = ref_pair_sample(Rng(key, 0, int(positions[b])), fw, fh, k, min_size, max_iou, tries)
         count[b] = len(boxes)
         if boxes:
             frame[b, :len(boxes)] = boxes
@@ -333,27 +333,58 @@ def test_other_key_other_plan(other):
     assert not np.array_equal(base.mosaic.crops.window, p.mosaic.crops.window)
 
 
-@pytest.mark.parametrize("n,world", [(120, 1), (120, 2), (120, 3), (120, 4), (121, 4), (7, 3)])
-def test_shards_disjoint_cover_and_batches_are_consecutive_slices(n, world):
+@pytest.mark.parametrize("n,world,batch", [(120, 1, 2), (120, 2, 2), (120, 3, 2), (120, 4, 2), (121, 4, 2),
+                                           (7, 3, 2), (50, 3, 4)])
+def test_shards_disjoint_and_steps_are_consecutive_global_batches(n, world, batch):
     w, h = sizes(n)
-    batch = 2
     planners = [Planner(ViewSpec(crops=(CropSpec("g", 1, 8),)), w, h, batch, seed=1, rank=r, world_size=world)
                 for r in range(world)]
+    g = batch * world
     for epoch in (0, 1):
+        order = planners[0].order(epoch)
+        assert np.array_equal(np.sort(order), np.arange(n))
         shards = [p.shard(epoch) for p in planners]
         allidx = np.concatenate(shards)
-        assert len(np.unique(allidx)) == len(allidx) == (n // world) * world
-        assert all(len(s) == n // world for s in shards)
-        if n % world == 0:
-            assert np.array_equal(np.sort(allidx), np.arange(n))
+        assert len(np.unique(allidx)) == len(allidx) == (n // g) * g
         for p, s in zip(planners, shards):
-            steps = [p.plan(epoch, i).index for i in range(len(p))]
-            assert len(p) == (n // world) // batch
-            for i, idx in enumerate(steps):
+            assert len(p) == n // g
+            for i in range(len(p)):
+                idx = p.plan(epoch, i).index
                 assert np.array_equal(idx, s[i * batch:(i + 1) * batch])
+                # rank r holds slice r of global batch i, in the epoch's order
+                assert np.array_equal(idx, order[i * g + p.rank * batch:i * g + (p.rank + 1) * batch])
     assert not np.array_equal(planners[0].shard(0), planners[0].shard(1))
     with pytest.raises(IndexError):
         planners[0].plan(0, len(planners[0]))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_global_batch_and_its_views_do_not_depend_on_the_world_size(world):
+    """Ranks of `world` processes, concatenated in rank order, plan what one
+    process of the same global batch plans: samples, every per-sample draw
+    (crops, original, mosaic tiles, SCRL boxes). Only the mosaic grouping,
+    drawn within a rank's batch, differs."""
+    w, h = sizes(300)
+    g = 16
+    single = Planner(FULL, w, h, g, seed=3)
+    ranks = [Planner(FULL, w, h, g // world, seed=3, rank=r, world_size=world) for r in range(world)]
+    assert len(single) == len(ranks[0])
+    for epoch, step in ((0, 0), (1, 7), (2, len(single) - 1)):
+        one = single.plan(epoch, step)
+        parts = [p.plan(epoch, step) for p in ranks]
+        assert np.array_equal(one.index, np.concatenate([q.index for q in parts]))
+        families = [(one.crops[k], [q.crops[k] for q in parts]) for k in one.crops]
+        families += [(one.original, [q.original for q in parts]), (one.mosaic.crops, [q.mosaic.crops for q in parts])]
+        for whole, pieces in families:
+            for f in ("window", "flip", "jitter", "factors", "order", "gray", "sigma", "solarize"):
+                assert np.array_equal(getattr(whole, f), np.concatenate([getattr(q, f) for q in pieces], axis=1)), f
+        assert np.array_equal(one.pairs.count, np.concatenate([q.pairs.count for q in parts]))
+        boxes = [q.pairs.boxes[..., 1:] for q in parts]  # column 0 is the rank-local batch index
+        assert np.array_equal(one.pairs.boxes[..., 1:], np.concatenate(boxes, axis=1))
+        assert not np.array_equal(one.mosaic.tile_src[:g // world], parts[0].mosaic.tile_src)
+    # a rank's mosaic grouping is keyed on its slice of the global order, not on its rank number
+    again = Planner(FULL, w, h, g // world, seed=3, rank=1, world_size=world).plan(1, 7)
+    assert np.array_equal(again.mosaic.tile_src, ranks[1].plan(1, 7).mosaic.tile_src)
 
 
 def test_planner_errors():
@@ -658,12 +689,13 @@ def random_windows(data, batch, size):
 @SETTINGS
 @given(data=st.data(), batch=st.integers(1, 10), size=st.integers(8, 256), k=st.integers(0, 12),
        min_size=st.integers(1, 64), max_iou=st.floats(0.0, 1.0), tries=st.integers(1, 60),
-       key=st.integers(0, 2**64 - 1))
-def test_pairs_match_reference(data, batch, size, k, min_size, max_iou, tries, key):
+       key=st.integers(0, 2**64 - 1), first=st.integers(0, 10**6))
+def test_pairs_match_reference(data, batch, size, k, min_size, max_iou, tries, key, first):
     window = random_windows(data, batch, size)
     flip = np.array(data.draw(st.lists(st.booleans(), min_size=2 * batch, max_size=2 * batch))).reshape(2, batch)
-    frame, count = P._pair_draws(np.uint64(key), window, size, k, min_size, max_iou, tries)
-    ref_frame, ref_count = ref_pair_draws(key, window, size, k, min_size, max_iou, tries)
+    positions = np.arange(first, first + batch, dtype=np.int64)
+    frame, count = P._pair_draws(np.uint64(key), window, size, k, min_size, max_iou, tries, positions)
+    ref_frame, ref_count = ref_pair_draws(key, window, size, k, min_size, max_iou, tries, positions)
     assert np.array_equal(count, ref_count) and np.array_equal(frame, ref_frame)
     boxes = P._pair_boxes(window, flip, size, frame, count)
     ref = ref_pair_boxes(window, flip, size, frame, count)
@@ -749,15 +781,15 @@ def test_pairs_skip_disjoint_and_thin_overlaps():
     # window[view, image] = (top, left, h, w); image 0's windows do not meet,
     # image 1's overlap by 50 px of 100 (32 px in the frame at S = 64)
     window = np.array([[[0, 0, 50, 50], [0, 0, 100, 100]], [[60, 60, 40, 40], [0, 50, 100, 100]]], np.int32)
-    frame, count = P._pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10)
+    frame, count = P._pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10, np.arange(2))
     assert count.tolist() == [0, 5]
     # 13 px of overlap: floor(13 * 64 / 100) = 8 = min_size, just enough
     window[1, 1] = (0, 87, 100, 100)
-    frame, count = P._pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10)
+    frame, count = P._pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10, np.arange(2))
     assert count.tolist() == [0, 5] and (frame[1, :, 2] - frame[1, :, 0] == 8).all()
     # 12 px: 7.68 px in the frame, under 8
     window[1, 1] = (0, 88, 100, 100)
-    frame, count = P._pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10)
+    frame, count = P._pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10, np.arange(2))
     assert count.tolist() == [0, 0]
 
 
