@@ -3,8 +3,9 @@ Contrastive Representation Learning", BMVC 2021, arXiv:2011.02697).
 
     python train.py --method clim --data /data/imagenet
 
-Base: MoCo v2, as the paper (query encoder + MLP head, momentum key encoder
-m = 0.999, queue of negatives, InfoNCE at T = 0.2; mocov2.py). On top:
+Base: MoCo v2, as the paper (query encoder + MLP head of the backbone's
+width, momentum key encoder m = 0.999 under shuffling BN, queue of
+negatives, InfoNCE at T = 0.2; mocov2.py). On top:
 
 1. Memory: the L2-normalised key of every image seen, by dataset index
    (views.index), written each step, gathered across ranks so all hold the
@@ -34,8 +35,9 @@ abstract: knn, num_clusters, same_cluster, kmeans_iters, mix_alpha,
 mix_weight and multires_sizes are our choices, flags in configs/clim.yaml.
 
 cfg keys: arch, small_stem, image_size, crop_min_scale, epochs, temperature,
-queue_size, proj_dim, proj_hidden, ema, knn, num_clusters, same_cluster,
-kmeans_iters, mix_alpha, mix_weight, multires_sizes.
+queue_size, proj_dim, proj_hidden, ema, shuffle_bn, bn_splits, seed, knn,
+num_clusters, same_cluster, kmeans_iters, mix_alpha, mix_weight,
+multires_sizes.
 """
 from __future__ import annotations
 
@@ -46,9 +48,9 @@ import torch.nn.functional as F
 from pipelines.views import MOCOV2_AUG, CropSpec, ViewSpec, Views
 
 from ..backbones import build_backbone
-from ..common import (Queue, batch_shuffle, batch_unshuffle, concat_all_gather, copy_as_target, ema_update, info_nce,
-                      world_info)
+from ..common import Queue, concat_all_gather, copy_as_target, ema_update, info_nce, momentum_key, world_info
 from ..heads import MLP
+from .mocov2 import shuffle_bn_from
 
 
 @torch.no_grad()
@@ -162,10 +164,11 @@ class CLIM(nn.Module):
         self.kmeans_iters, self.mix_alpha, self.mix_weight = cfg.kmeans_iters, cfg.mix_alpha, cfg.mix_weight
         self.families, self.seed = self.multires_families(cfg), int(getattr(cfg, "seed", 0))
         self.backbone = build_backbone(cfg.arch, cfg.small_stem)
-        self.projector = MLP(self.backbone.out_dim, cfg.proj_hidden, cfg.proj_dim, bn=False)
+        self.projector = MLP(self.backbone.out_dim, cfg.proj_hidden or self.backbone.out_dim, cfg.proj_dim, bn=False)
         self.key_backbone = copy_as_target(self.backbone)
         self.key_projector = copy_as_target(self.projector)
         self.queue = Queue(cfg.proj_dim, cfg.queue_size) if cfg.queue_size > 0 else None
+        self.shuffle_bn = shuffle_bn_from(cfg)
         self.register_buffer("memory", torch.zeros(0, cfg.proj_dim, dtype=torch.float16))  # N x D unit keys
         self.register_buffer("filled", torch.zeros(0, dtype=torch.bool))                   # N
         self.register_buffer("centres", torch.zeros(0, cfg.proj_dim), persistent=False)    # K x D
@@ -178,8 +181,7 @@ class CLIM(nn.Module):
 
     @torch.no_grad()
     def _key(self, x: torch.Tensor) -> torch.Tensor:
-        x, undo = batch_shuffle(x)
-        return F.normalize(batch_unshuffle(self.key_projector(self.key_backbone(x)[1]), undo).float(), dim=1)
+        return momentum_key(self.key_backbone, self.key_projector, x, self.shuffle_bn)  # B x proj_dim
 
     @torch.no_grad()
     def _remember(self, index: torch.Tensor, keys: torch.Tensor) -> None:

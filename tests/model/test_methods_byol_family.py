@@ -215,3 +215,15 @@ def test_rf_resnet_receptive_field_is_smaller():
     h, w = _gradient_window(rf)
     assert (h, w) == (rf.receptive_field, rf.receptive_field) == (29, 29)  # the whole theoretical field, no more
     assert min(_gradient_window(full)) > max(h, w)
+
+
+# ----------------------------------------------------------------------------- BYOL's heads
+@pytest.mark.parametrize("name,over", [("byol", {}), ("scrl", {}), ("cossl", {}), ("mosrep", {"base": "byol"})])
+def test_byol_family_heads_are_byols_mlp(name, over):
+    """BYOL (App. J, official networks.py): Linear(bias)-BN-ReLU-Linear(no bias),
+    hidden proj_hidden / pred_hidden, output proj_dim."""
+    cfg, model, _ = build(name, **over)
+    heads = [model.predictor] + ([model.projector.mlp] if name == "mosrep" else [model.projector])
+    for head in heads:
+        assert [type(m).__name__ for m in head] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+        assert head[0].bias is not None and head[-1].bias is None and head[-1].out_features == cfg.proj_dim
