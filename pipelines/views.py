@@ -114,12 +114,17 @@ class MosaicSpec:
 class PairSpec:
     """SCRL matched boxes (Roh et al., CVPR 2021, Sec. 3.2) between views 0 and
     1 of crop family `family`: K boxes sampled in the two windows'
-    intersection, each mapped into both views' pixels."""
+    intersection, each mapped into both views' pixels. round_frame and
+    keep_last are the official box generator's rules (plan.py `_pair_frame`,
+    `_pair_sample`); False gives ours (every box inside both windows, the
+    IoU bound always held)."""
     family: str = "global"
     boxes_per_image: int = 10
     min_size: int = 32
     max_iou: float = 0.5
     tries: int = 50
+    round_frame: bool = True
+    keep_last: bool = True
 
 
 @dataclass(frozen=True)
