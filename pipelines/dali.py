@@ -363,7 +363,7 @@ class DaliLoader(PlannedLoader):
     (its tensors then move to the device). `colour='dali'` makes the CPU
     graph use the GPU graph's DALI colour operators (for tests)."""
     name = "dali"
-    capabilities = frozenset({"crops", "asymmetric", "original", "mosaic", "pairs"})
+    capabilities = frozenset({"crops", "asymmetric", "original", "mosaic", "pairs", "neighbours"})
 
     def __init__(self, spec, source, *, cpu: bool = False, colour: str = "auto", **kw):
         super().__init__(spec, source, **kw)
@@ -388,7 +388,7 @@ class DaliLoader(PlannedLoader):
     # -- the graph's lifetime -------------------------------------------------
     def _build(self):
         self._feed = _Feed(self.planner, self.source, self._groups, self._views, self._keys, self.native)
-        pipe = _graph(self._feed, self.gpu, None if self.native else _cpu_operator(), batch_size=self.batch_size,
+        pipe = _graph(self._feed, self.gpu, None if self.native else _cpu_operator(), batch_size=self.planner.rows,
                       num_threads=max(1, self.workers), device_id=self.device_id, prefetch_queue_depth=2)
         pipe.build()
         self._pipe = pipe
@@ -442,7 +442,7 @@ class DaliLoader(PlannedLoader):
         i = 0
         for group in self._groups:
             n, s = group.outputs, group.out_size
-            pixels = torch.empty((n, self.batch_size, s, s, 3), dtype=torch.float32 if normalised else torch.uint8,
+            pixels = torch.empty((n, self.planner.rows, s, s, 3), dtype=torch.float32 if normalised else torch.uint8,
                                  device=device)
             for v in range(n):
                 self._copy(outputs[i + v], pixels[v])

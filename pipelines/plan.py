@@ -600,11 +600,12 @@ class PairPlan:
 class BatchPlan:
     epoch: int
     step: int
-    index: np.ndarray                       # int64 [B] dataset indices
+    index: np.ndarray                       # int64 [B] dataset indices (2B with neighbour rows)
     crops: dict = field(default_factory=dict)   # family name -> CropPlan
     original: Optional[CropPlan] = None
     mosaic: Optional[MosaicPlan] = None
     pairs: Optional[PairPlan] = None
+    neighbour: Optional[np.ndarray] = None  # int64 [B]: each anchor's neighbour, -1 for none
 
 
 # ---------------------------------------------------------------- planner
@@ -617,6 +618,13 @@ class Planner:
     N / world_size, which the next epoch's permutation moves elsewhere). A
     rank's shard is cut into full batches; the last partial batch is
     dropped, as is usual for contrastive losses.
+
+    With spec.neighbours the planner also takes a neighbour table, int64
+    [N] (set_neighbours; -1 or a short table: none): each plan appends to
+    its B anchors the B images the table names for them (rows B..2B-1,
+    the anchor itself where it names none) and plans their views like any
+    other row. The table is an input like the sizes: a plan is a pure
+    function of (seed, epoch, rank, step) and the table.
     """
 
     def __init__(self, spec: ViewSpec, widths, heights, batch_size: int, seed: int = 0,
@@ -646,6 +654,16 @@ class Planner:
             self._mosaic_augs = np.array([_aug_row(spec.mosaic.aug)] * spec.mosaic.crops_per_image, np.float64)
         self._shard_epoch, self._shard = None, None
         self._pool, self._pool_pid = None, None
+        self.neighbours = None
+
+    @property
+    def rows(self) -> int:
+        """Rows of every planned view array: B, or 2B with neighbour rows."""
+        return self.batch_size * (2 if self.spec.neighbours else 1)
+
+    def set_neighbours(self, table) -> None:
+        """The neighbour table for the plans from now on (None: no neighbours)."""
+        self.neighbours = None if table is None else np.ascontiguousarray(table, dtype=np.int64)
 
     def __getstate__(self):  # threads do not travel to worker processes
         state = dict(self.__dict__)
@@ -678,6 +696,13 @@ class Planner:
         b = self.batch_size
         index = np.ascontiguousarray(self.shard(epoch)[step * b:(step + 1) * b])
         out = BatchPlan(epoch=epoch, step=step, index=index)
+        if self.spec.neighbours:
+            table = self.neighbours if self.neighbours is not None else np.zeros(0, np.int64)
+            known = index < len(table)
+            nbr = np.where(known, table[np.where(known, index, 0)] if len(table) else -1, -1).astype(np.int64)
+            nbr[nbr >= len(self.widths)] = -1
+            out.neighbour = nbr
+            index = out.index = np.concatenate([index, np.where(nbr >= 0, nbr, index)])
         # The mosaic depends on nothing else in the plan and its kernels
         # release the GIL, so it is planned on a second thread meanwhile.
         mosaic = None

@@ -40,14 +40,19 @@ def make_cfg(name, **over):
 def make_views(spec: ViewSpec, batch: int, seed: int = 0) -> Views:
     """Random tensors with the shapes of views.py, channels_last like a pipeline's."""
     g = torch.Generator().manual_seed(seed)
+    rows = 2 * batch if spec.neighbours else batch  # neighbour rows: image b's neighbour is b + 1, every third none
     crops, boxes = {}, {}
     for c in spec.crops:
-        crops[c.name] = torch.randn(c.count, batch, c.size, c.size, 3, generator=g).permute(0, 1, 4, 2, 3)
-        boxes[c.name] = torch.rand(c.count, batch, 5, generator=g)
-    views = Views(crops=crops, boxes=boxes, index=torch.arange(batch), labels=torch.zeros(batch, dtype=torch.long))
+        crops[c.name] = torch.randn(c.count, rows, c.size, c.size, 3, generator=g).permute(0, 1, 4, 2, 3)
+        boxes[c.name] = torch.rand(c.count, rows, 5, generator=g)
+    index = torch.arange(batch)
+    views = Views(crops=crops, boxes=boxes, index=index, labels=torch.zeros(rows, dtype=torch.long))
+    if spec.neighbours:
+        views.neighbour = torch.where(index % 3 == 0, -1, (index + 1) % batch)
+        views.index = torch.cat([index, torch.where(views.neighbour >= 0, views.neighbour, index)])
     if spec.original is not None:
         s = spec.original.size
-        views.original = torch.randn(batch, s, s, 3, generator=g).permute(0, 3, 1, 2)
+        views.original = torch.randn(rows, s, s, 3, generator=g).permute(0, 3, 1, 2)
     if spec.mosaic is not None:  # unshifted tiles; tile t of canvas c holds image (c + t) % B (distinct if B >= M)
         m, side, grid = spec.mosaic.crops_per_image, spec.mosaic.crop_size, spec.mosaic.grid
         views.mosaic = torch.randn(batch, side * grid, side * grid, 3, generator=g).permute(0, 3, 1, 2)

@@ -814,6 +814,36 @@ def test_pairs_keep_last_draw_after_failed_tries():
     assert [tuple(r) for r in kept[0].tolist()] == ref  # and each kept box is its fifth draw
 
 
+# ---------------------------------------------------------------- CLIM neighbour rows
+
+def test_neighbour_rows_come_from_the_table_and_leave_the_anchors_alone():
+    """ViewSpec.neighbours: rows B..2B-1 are the table's images (the anchor's
+    own where the table names none, is too short, or names an index past the
+    data); the anchors' rows are those of the same plan without neighbours;
+    a plan is a function of its key and the table."""
+    crops = (CropSpec("global", 2, 32, augs=(AugSpec(flip_p=0.5),)), CropSpec("res0", 1, 16))
+    plain = Planner(ViewSpec(crops=crops), *sizes(40, seed=1), 8, seed=4)
+    fetch = Planner(ViewSpec(crops=crops, neighbours=True), *sizes(40, seed=1), 8, seed=4)
+    empty = fetch.plan(1, 2)
+    assert (empty.neighbour == -1).all() and np.array_equal(empty.index[8:], empty.index[:8])  # no table yet
+    table = np.arange(35)[::-1].copy()     # image i -> 34 - i; images 35..39 are past the table's end
+    table[::4] = -1
+    table[33] = 40                          # past the data: none
+    fetch.set_neighbours(table)
+    a, b = plain.plan(1, 2), fetch.plan(1, 2)
+    anchors = b.index[:8]
+    assert np.array_equal(anchors, a.index) and fetch.rows == 16 and len(b.index) == 16
+    want = np.array([table[i] if i < 35 and table[i] < 40 else -1 for i in anchors])
+    assert np.array_equal(b.neighbour, want) and np.array_equal(b.index[8:], np.where(want >= 0, want, anchors))
+    for name in ("global", "res0"):
+        for f in ("window", "flip", "jitter", "factors", "order", "gray", "sigma", "solarize"):
+            assert np.array_equal(getattr(b.crops[name], f)[:, :8], getattr(a.crops[name], f)), (name, f)
+        assert getattr(b.crops[name], "window").shape[1] == 16
+    assert all(np.array_equal(x, y) for x, y in zip(arrays(b), arrays(fetch.plan(1, 2))))
+    with pytest.raises(ValueError, match="neighbour"):
+        ViewSpec(crops=crops, mosaic=MosaicSpec(), neighbours=True)
+
+
 # ---------------------------------------------------------------- speed
 
 def test_planning_a_large_batch_is_fast():
