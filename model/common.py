@@ -92,7 +92,8 @@ class ShuffleBN(nn.Module):
     the CPU) that would change nothing, so the 8-GPU setting is emulated, as
     the official one-GPU demo's SplitBatchNorm: the batch is shuffled, the
     key encoder runs on `splits` sub-batches (each BN sees only its
-    sub-batch), and the keys are put back in batch order. splits=1 is the
+    sub-batch; fewer sub-batches where the batch would leave one under 2
+    samples), and the keys are put back in batch order. splits=1 is the
     plain key encoder on the whole batch; enabled=False disables both forms.
 
     The permutations come from (seed, draw count), not the global RNG; the
@@ -132,7 +133,8 @@ class ShuffleBN(nn.Module):
         x_shuffled = x[perm]
         if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
             x_shuffled = x_shuffled.contiguous(memory_format=torch.channels_last)
-        subs = x_shuffled.tensor_split(min(self.splits, x.shape[0]))  # as 8 GPUs of 32 at batch 256
+        # as 8 GPUs of 32 at batch 256; at least 2 samples a sub-batch (BN needs 2 values per channel)
+        subs = x_shuffled.tensor_split(max(1, min(self.splits, x.shape[0] // 2)))
         return torch.cat([encode(s) for s in subs])[torch.argsort(perm)]
 
 

@@ -264,20 +264,21 @@ def _key_encoder():
                          nn.Linear(4, 6), nn.BatchNorm1d(6)).train()
 
 
-@pytest.mark.parametrize("batch,splits", [(16, 4), (16, 8), (10, 3)])
-def test_shuffle_bn_equals_per_sub_batch_reference_after_unshuffle(batch, splits):
+@pytest.mark.parametrize("batch,splits,subs", [(16, 4, 4), (16, 8, 8), (10, 3, 3), (4, 8, 2), (3, 8, 1)])
+def test_shuffle_bn_equals_per_sub_batch_reference_after_unshuffle(batch, splits, subs):
     """One process: keys = the encoder on each sub-batch of the shuffled batch
-    (each BN with that sub-batch's statistics), put back in batch order."""
+    (each BN with that sub-batch's statistics), put back in batch order; a
+    small batch gets fewer sub-batches, none under 2 samples."""
     enc = _key_encoder()
     x = torch.randn(batch, 3, 6, 6).contiguous(memory_format=torch.channels_last)
     shuffle = ShuffleBN(True, splits, seed=7)
     with torch.no_grad():
         keys = shuffle(enc, x)
         perm = torch.randperm(batch, generator=torch.Generator().manual_seed(7 * 1_000_003))
-        ref = torch.cat([enc(sub) for sub in x[perm].tensor_split(splits)])[torch.argsort(perm)]
+        ref = torch.cat([enc(sub) for sub in x[perm].tensor_split(subs)])[torch.argsort(perm)]
         whole = enc(x)
     assert torch.allclose(keys, ref, atol=1e-6)
-    assert not torch.allclose(keys, whole, atol=1e-3)  # BN statistics of sub-batches, not of the whole batch
+    assert torch.allclose(keys, whole, atol=1e-3) == (subs == 1)  # BN statistics of sub-batches, not of the batch
     assert shuffle.draws == 1
 
 
