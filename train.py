@@ -508,6 +508,8 @@ def run(argv: list[str]) -> int:
     stop = checkpoints.StopSignals().__enter__()  # SIGTERM / SIGINT: finish the step, checkpoint, exit 75 (main restores)
     while global_step < total_steps:
         epoch = loader.epoch
+        if hasattr(raw_model, "neighbour_table"):  # CLIM: this epoch's plans fetch the neighbours it names
+            loader.set_neighbours(raw_model.neighbour_table(epoch))
         bar = tqdm(total=steps_per_epoch, initial=loader.step, desc=f"epoch {epoch}", unit="step",
                    disable=not is_main(), dynamic_ncols=True, leave=False)
         t_last, seen = time.perf_counter(), 0

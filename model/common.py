@@ -62,46 +62,89 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """MoCo's shuffling BN (He et al. 2020, Sec. 3.3): each rank gets a random
-    slice of the global batch, so the key encoder's BN statistics cannot leak
-    which key is the positive. Identity (and None) in a single process, where
-    a permutation would not change the statistics."""
-    rank, world = world_info()
-    if world == 1:
-        return x, None
-    x_all = concat_all_gather(x)
-    perm = torch.randperm(x_all.shape[0], device=x.device)
-    dist.broadcast(perm, src=0)
+def batch_shuffle(x: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo's cross-rank shuffle (He et al. 2020, Sec. 3.3): rank r takes rows
+    perm[r*n:(r+1)*n] of the global batch; perm [world*n] must be the same on
+    every rank. Returns (this rank's shuffled rows, the inverse permutation)."""
+    rank, _ = world_info()
     n = x.shape[0]
-    out = x_all[perm[rank * n:(rank + 1) * n]]
+    out = concat_all_gather(x)[perm[rank * n:(rank + 1) * n]]
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         out = out.contiguous(memory_format=torch.channels_last)
     return out, torch.argsort(perm)
 
 
 @torch.no_grad()
-def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor | None) -> torch.Tensor:
+def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
     """Undo batch_shuffle on the encoder outputs."""
-    if idx_unshuffle is None:
-        return x
     rank, _ = world_info()
     n = x.shape[0]
     return concat_all_gather(x)[idx_unshuffle[rank * n:(rank + 1) * n]]
 
 
+class ShuffleBN(nn.Module):
+    """MoCo's shuffling BN for the key encoder (He et al. 2020, Sec. 3.3): the
+    key encoder's BN statistics must not come from the same samples as the
+    query's, or the positive key leaks through them.
+
+    Under DDP the global batch is shuffled across ranks, as the official
+    builder.py (each rank's BN sees a random slice). In one process (one GPU,
+    the CPU) that would change nothing, so the 8-GPU setting is emulated, as
+    the official one-GPU demo's SplitBatchNorm: the batch is shuffled, the
+    key encoder runs on `splits` sub-batches (each BN sees only its
+    sub-batch; fewer sub-batches where the batch would leave one under 2
+    samples), and the keys are put back in batch order. splits=1 is the
+    plain key encoder on the whole batch; enabled=False disables both forms.
+
+    The permutations come from (seed, draw count), not the global RNG; the
+    count is in the state_dict (extra state), so a resumed run draws the
+    same permutations as an uninterrupted one, and every rank the same.
+    """
+
+    def __init__(self, enabled: bool = True, splits: int = 8, seed: int = 0):
+        super().__init__()
+        if splits < 1:
+            raise ValueError(f"bn_splits must be at least 1, got {splits}")
+        self.enabled, self.splits, self.seed, self.draws = bool(enabled), int(splits), int(seed), 0
+
+    def get_extra_state(self):
+        return {"draws": self.draws}
+
+    def set_extra_state(self, state) -> None:
+        self.draws = int(state["draws"])
+
+    @torch.compiler.disable  # host-side bookkeeping: the draw count must not become a guard of a compiled graph
+    def permutation(self, n: int, device) -> torch.Tensor:
+        """The next permutation of n rows (on the CPU, then moved: small)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.draws)
+        self.draws += 1
+        return torch.randperm(n, generator=g).to(device)
+
+    @torch.no_grad()
+    def forward(self, encode, x: torch.Tensor) -> torch.Tensor:
+        """encode(x [B, ...]) -> [B, D]; shuffled as above."""
+        _, world = world_info()
+        if not self.enabled or (world == 1 and self.splits == 1):
+            return encode(x)
+        perm = self.permutation(x.shape[0] * world, x.device)
+        if world > 1:
+            x_shuffled, undo = batch_shuffle(x, perm)
+            return batch_unshuffle(encode(x_shuffled), undo)
+        x_shuffled = x[perm]
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            x_shuffled = x_shuffled.contiguous(memory_format=torch.channels_last)
+        # as 8 GPUs of 32 at batch 256; at least 2 samples a sub-batch (BN needs 2 values per channel)
+        subs = x_shuffled.tensor_split(max(1, min(self.splits, x.shape[0] // 2)))
+        return torch.cat([encode(s) for s in subs])[torch.argsort(perm)]
+
+
 @torch.no_grad()
-def momentum_key(backbone: nn.Module, projector: nn.Module, x: torch.Tensor, shuffle_bn: bool,
+def momentum_key(backbone: nn.Module, projector: nn.Module, x: torch.Tensor, shuffle: ShuffleBN,
                  output: int = 1) -> torch.Tensor:
-    """MoCo's key: the momentum encoder on x, BN statistics decoupled from the
-    query's by shuffling the batch across ranks (MoCo Sec. 3.3), L2-normalised
-    in float32. `output` picks the backbone's feature map (0) or pooled vector (1)."""
-    undo = None
-    if shuffle_bn:
-        x, undo = batch_shuffle(x)
-    k = projector(backbone(x)[output])
-    if shuffle_bn:
-        k = batch_unshuffle(k, undo)
+    """MoCo's key: the momentum encoder on x under shuffling BN (ShuffleBN),
+    L2-normalised in float32. `output` picks the backbone's feature map (0)
+    or pooled vector (1)."""
+    k = shuffle(lambda v: projector(backbone(v)[output]), x)
     return F.normalize(k.float(), dim=1)  # B x dim
 
 

@@ -95,6 +95,11 @@ class PlannedLoader(abc.ABC):
                                     f"({mine['batch_size']} x {mine['world_size']})")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 
+    def set_neighbours(self, table) -> None:
+        """The planner's neighbour table (ViewSpec.neighbours) for the plans of
+        the iterations started from now on; int64 [N], -1 for none."""
+        self.planner.set_neighbours(table)
+
     def close(self) -> None:
         """Release workers or graphs (idempotent)."""
 
@@ -134,4 +139,6 @@ class PlannedLoader(abc.ABC):
             views.mosaic_weight = torch.as_tensor(plan.mosaic.weight).to(dev)
         if plan.pairs is not None:
             views.pair_boxes = torch.as_tensor(plan.pairs.boxes).to(dev)
+        if plan.neighbour is not None:
+            views.neighbour = torch.as_tensor(plan.neighbour).to(dev)
         return views

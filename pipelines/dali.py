@@ -380,7 +380,7 @@ class DaliLoader(PlannedLoader):
     makes the CPU graph use DALI's own colour operators (the fallback
     without DALI's Numba plugin; hue differs from torchvision's)."""
     name = "dali"
-    capabilities = frozenset({"crops", "asymmetric", "original", "mosaic", "pairs"})
+    capabilities = frozenset({"crops", "asymmetric", "original", "mosaic", "pairs", "neighbours"})
 
     def __init__(self, spec, source, *, cpu: bool = False, colour: str = "auto", **kw):
         super().__init__(spec, source, **kw)
@@ -413,7 +413,8 @@ class DaliLoader(PlannedLoader):
         self._feed = _Feed(self.planner, self.source, self._groups, self._views, keys, self.mode)
         self._feed.known_bad = self._known_bad
         extra = {"exec_dynamic": True} if self.gpu else {}
-        return _graph(self._feed, _cpu_operator() if self.mode == "numba" else None, batch_size=self.batch_size,
+        # planner.rows: the batch, and as many neighbour rows again when the spec fetches neighbours
+        return _graph(self._feed, _cpu_operator() if self.mode == "numba" else None, batch_size=self.planner.rows,
                       num_threads=max(1, self.workers), device_id=self.device_id, prefetch_queue_depth=2, **extra)
 
     def _build(self):
@@ -491,7 +492,7 @@ class DaliLoader(PlannedLoader):
         stream = torch.cuda.current_stream(self.device_id).cuda_stream
         i = 0
         for group in self._groups:
-            tiles = torch.empty((group.count, self.batch_size, group.size, group.size, 3), dtype=torch.uint8,
+            tiles = torch.empty((group.count, self.planner.rows, group.size, group.size, 3), dtype=torch.uint8,
                                 device=self.device)
             for v in range(group.count):
                 _copy_out(outputs[i + v], tiles[v], stream)
@@ -509,7 +510,7 @@ class DaliLoader(PlannedLoader):
         i = 0
         for group in self._groups:
             n, s = group.outputs, group.out_size
-            pixels = torch.empty((n, self.batch_size, s, s, 3), dtype=torch.float32 if normalised else torch.uint8,
+            pixels = torch.empty((n, self.planner.rows, s, s, 3), dtype=torch.float32 if normalised else torch.uint8,
                                  pin_memory=pinned)
             for v in range(n):
                 _copy_out(outputs[i + v], pixels[v])

@@ -375,13 +375,19 @@ def _mosaic_geometry(tile_src, shift, grid, crop):
 # windows' intersection scaled, per axis, by the smaller of the two views'
 # scales (size / max(w0, w1) horizontally, size / max(h0, h1) vertically),
 # so a box of side >= min_size there has side >= min_size in both views.
+# round_frame (official): the frame's side is round() of the scaled
+# intersection and must exceed min_size; a box reaching past a view's edge
+# by the rounding is clipped there (official clip_box). Otherwise (ours):
+# floor() and at least min_size, so every box lies inside both windows.
 
 @numba.njit(cache=True, error_model="numpy")
-def _pair_frame(window, b, size):
+def _pair_frame(window, b, size, round_frame):
     """Intersection of windows [0, b] and [1, b] (top, left, h, w) in source
     pixels. Returns (ix, iy, wmax, hmax, fw, fh): its top-left corner, the
     larger window width and height, and its integer size in the frame,
-    fw = floor((x1 - x0) * size / wmax); fw = fh = -1 when there is none."""
+    fw = floor((x1 - x0) * size / wmax), or with round_frame the official
+    round((x1 - x0) * (size / wmax)) in float64 (half to even, as Python's
+    round); fw = fh = -1 when there is none."""
     t0, l0 = np.int64(window[0, b, 0]), np.int64(window[0, b, 1])
     h0, w0 = np.int64(window[0, b, 2]), np.int64(window[0, b, 3])
     t1, l1 = np.int64(window[1, b, 0]), np.int64(window[1, b, 1])
@@ -391,11 +397,15 @@ def _pair_frame(window, b, size):
     wmax, hmax = max(w0, w1), max(h0, h1)
     if ix1 <= ix0 or iy1 <= iy0:
         return ix0, iy0, wmax, hmax, np.int64(-1), np.int64(-1)
+    if round_frame:
+        fw = np.int64(round(np.float64(ix1 - ix0) * (np.float64(size) / np.float64(wmax))))
+        fh = np.int64(round(np.float64(iy1 - iy0) * (np.float64(size) / np.float64(hmax))))
+        return ix0, iy0, wmax, hmax, fw, fh
     return ix0, iy0, wmax, hmax, (ix1 - ix0) * size // wmax, (iy1 - iy0) * size // hmax
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _pair_sample(s, fw, fh, k, min_size, max_iou, tries, out, cws, chs):
+def _pair_sample(s, fw, fh, k, min_size, max_iou, tries, keep_last, out, cws, chs):
     """Up to k boxes (x0, y0, x1, y1) with integer corners in an fw x fh
     frame (fw, fh >= min_size >= 1) into out[:k], drawn from state s;
     returns how many. cws and chs are scratch of fw // min_size + 1 and
@@ -405,8 +415,8 @@ def _pair_sample(s, fw, fh, k, min_size, max_iou, tries, out, cws, chs):
     (dw uniform in 1..fw // min_size), pick a cell, a box side uniform in
     [min_size, cell side] and a position inside the cell. A box whose IoU
     with a box of the image accepted before exceeds max_iou is drawn again,
-    `tries` times at most, after which that box is dropped (the official
-    code keeps its last draw).
+    `tries` times at most; then keep_last keeps the last draw (official),
+    otherwise that box is dropped (ours: the IoU bound always holds).
     """
     n = 0
     nw, nh = fw // min_size, fh // min_size
@@ -443,7 +453,7 @@ def _pair_sample(s, fw, fh, k, min_size, max_iou, tries, out, cws, chs):
                 inter = iw * ih
                 union = area + (out[j, 2] - out[j, 0]) * (out[j, 3] - out[j, 1]) - inter
                 bad |= inter > max_iou * union
-            if not bad:
+            if not bad or (keep_last and _t == tries - 1):
                 out[n, 0], out[n, 1], out[n, 2], out[n, 3] = x0, y0, x1, y1
                 n += 1
                 break
@@ -451,7 +461,7 @@ def _pair_sample(s, fw, fh, k, min_size, max_iou, tries, out, cws, chs):
 
 
 @numba.njit(cache=True, error_model="numpy", nogil=True)
-def _pair_boxes(window, flip, size, frame, count):
+def _pair_boxes(window, flip, size, frame, count, round_frame):
     """The deterministic part: frame boxes frame[b, :count[b]] to float32
     [2, P, 5] (b, x0, y0, x1, y1) in the pixels of views 0 and 1, P =
     count.sum(), image by image.
@@ -459,7 +469,9 @@ def _pair_boxes(window, flip, size, frame, count):
     A frame x is x_src = ix + x * wmax / size in the source, and
     x_view = (x_src - left) * size / w in a view; computed with one rounding
     as ((ix - left) * size + x * wmax) / w, an integer over an integer, so a
-    box lies inside [0, size] exactly. A flipped view mirrors x -> size - x.
+    box of a floored frame lies inside [0, size] exactly; a rounded frame's
+    may reach past it by the rounding and is clipped to size (official
+    clip_box). A flipped view mirrors x -> size - x.
     """
     batch, total = window.shape[1], count.sum()
     num = np.empty(2 * total * 4, np.float64)
@@ -468,7 +480,7 @@ def _pair_boxes(window, flip, size, frame, count):
     for b in range(batch):
         if count[b] == 0:
             continue
-        ix, iy, wmax, hmax, fw, fh = _pair_frame(window, b, size)
+        ix, iy, wmax, hmax, fw, fh = _pair_frame(window, b, size, round_frame)
         for v in range(2):
             top, left = np.int64(window[v, b, 0]), np.int64(window[v, b, 1])
             h, w = np.float64(window[v, b, 2]), np.float64(window[v, b, 3])
@@ -489,34 +501,35 @@ def _pair_boxes(window, flip, size, frame, count):
         for v in range(2):
             for i in range(count[b]):
                 q = (v * total + p + i) * 4
-                x0, x1 = num[q], num[q + 2]
+                x0, x1 = num[q], min(num[q + 2], np.float64(size))
                 if flip[v, b]:
                     x0, x1 = size - x1, size - x0
                 r = p + i
                 boxes[v, r, 0], boxes[v, r, 1], boxes[v, r, 2], boxes[v, r, 3], boxes[v, r, 4] = (
-                    b, x0, num[q + 1], x1, num[q + 3])
+                    b, x0, num[q + 1], x1, min(num[q + 3], np.float64(size)))
         p += count[b]
     return boxes
 
 
 @numba.njit(cache=True, error_model="numpy", nogil=True)
-def _pair_draws(key, window, size, k, min_size, max_iou, tries, positions):
+def _pair_draws(key, window, size, k, min_size, max_iou, tries, round_frame, keep_last, positions):
     """The random part of SCRL pairs: frame boxes int64 [B, k, 4] (x0, y0,
     x1, y1; rows from count[b] on are zero) and count int32 [B]. Image b
     draws from substream (0, positions[b]) of `key` (its place in the
-    epoch's global order); an image whose frame is under min_size (or whose
-    windows do not meet) gets none."""
+    epoch's global order); an image whose frame is under min_size
+    (round_frame, official: not above it), or whose windows do not meet,
+    gets none."""
     batch = window.shape[1]
     min_size = max(min_size, 1)
     frame = np.zeros((batch, k, 4), np.int64)
     count = np.zeros(batch, np.int32)
-    cells = np.empty((2, size // min_size + 1), np.int64)  # fw, fh <= size
+    cells = np.empty((2, (size + 1) // min_size + 1), np.int64)  # fw, fh <= size (rounded: size + 1 at most)
     for b in range(batch):
-        ix, iy, wmax, hmax, fw, fh = _pair_frame(window, b, size)
-        if fw < min_size or fh < min_size:
+        ix, iy, wmax, hmax, fw, fh = _pair_frame(window, b, size, round_frame)
+        if fw < min_size + round_frame or fh < min_size + round_frame:
             continue
-        count[b] = _pair_sample(_seed(key, 0, positions[b]), fw, fh, k, min_size, max_iou, tries, frame[b], cells[0],
-                                cells[1])
+        count[b] = _pair_sample(_seed(key, 0, positions[b]), fw, fh, k, min_size, max_iou, tries, keep_last,
+                                frame[b], cells[0], cells[1])
     return frame, count
 
 
@@ -605,11 +618,12 @@ class PairPlan:
 class BatchPlan:
     epoch: int
     step: int
-    index: np.ndarray                       # int64 [B] dataset indices
+    index: np.ndarray                       # int64 [B] dataset indices (2B with neighbour rows)
     crops: dict = field(default_factory=dict)   # family name -> CropPlan
     original: Optional[CropPlan] = None
     mosaic: Optional[MosaicPlan] = None
     pairs: Optional[PairPlan] = None
+    neighbour: Optional[np.ndarray] = None  # int64 [B]: each anchor's neighbour, -1 for none
 
 
 # ---------------------------------------------------------------- planner
@@ -623,6 +637,14 @@ class Planner:
     positions, every view of it) is the same for any world size with the
     same G. The last partial global batch is dropped, as is usual for
     contrastive losses; the next epoch's permutation moves it elsewhere.
+
+    With spec.neighbours the planner also takes a neighbour table, int64
+    [N] (set_neighbours; -1 or a short table: none): each plan appends to
+    its B anchors the B images the table names for them (rows B..2B-1,
+    the anchor itself where it names none) and plans their views like any
+    other row, keyed on position p + N for the anchor at position p. The
+    table is an input like the sizes: a plan is a pure function of (seed,
+    epoch, positions) and the table.
     """
 
     def __init__(self, spec: ViewSpec, widths, heights, batch_size: int, seed: int = 0,
@@ -653,6 +675,16 @@ class Planner:
             self._mosaic_augs = np.array([_aug_row(spec.mosaic.aug)] * spec.mosaic.crops_per_image, np.float64)
         self._order_epoch, self._order = None, None
         self._pool, self._pool_pid = None, None
+        self.neighbours = None
+
+    @property
+    def rows(self) -> int:
+        """Rows of every planned view array: B, or 2B with neighbour rows."""
+        return self.batch_size * (2 if self.spec.neighbours else 1)
+
+    def set_neighbours(self, table) -> None:
+        """The neighbour table for the plans from now on (None: no neighbours)."""
+        self.neighbours = None if table is None else np.ascontiguousarray(table, dtype=np.int64)
 
     def __getstate__(self):  # threads do not travel to worker processes
         state = dict(self.__dict__)
@@ -692,6 +724,14 @@ class Planner:
         positions = self.positions(step)
         index = np.ascontiguousarray(self.order(epoch)[positions])
         out = BatchPlan(epoch=epoch, step=step, index=index)
+        if self.spec.neighbours:
+            table = self.neighbours if self.neighbours is not None else np.zeros(0, np.int64)
+            known = index < len(table)
+            nbr = np.where(known, table[np.where(known, index, 0)] if len(table) else -1, -1).astype(np.int64)
+            nbr[nbr >= len(self.widths)] = -1
+            out.neighbour = nbr
+            index = out.index = np.concatenate([index, np.where(nbr >= 0, nbr, index)])
+            positions = np.concatenate([positions, positions + len(self.widths)])  # the neighbours' own streams
         # The mosaic depends on nothing else in the plan and its kernels
         # release the GIL, so it is planned on a second thread meanwhile.
         mosaic = None
@@ -738,8 +778,9 @@ class Planner:
         ps = self.spec.pairs
         key = _key(self.seed, epoch, 0, 0, _STREAM_PAIRS)
         frame, count = _pair_draws(np.uint64(key), crops.window, crops.size, ps.boxes_per_image, ps.min_size,
-                                   float(ps.max_iou), ps.tries, positions)
-        return PairPlan(boxes=_pair_boxes(crops.window, crops.flip, crops.size, frame, count), count=count)
+                                   float(ps.max_iou), ps.tries, ps.round_frame, ps.keep_last, positions)
+        return PairPlan(boxes=_pair_boxes(crops.window, crops.flip, crops.size, frame, count, ps.round_frame),
+                        count=count)
 
 
 def step_key(seed: int, epoch: int, a: int, b: int, stream: int = 0) -> int:

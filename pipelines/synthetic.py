@@ -10,12 +10,12 @@ from .base import PlannedLoader
 
 class SyntheticLoader(PlannedLoader):
     name = "synthetic"
-    capabilities = frozenset({"crops", "asymmetric", "original", "mosaic", "pairs"})
+    capabilities = frozenset({"crops", "asymmetric", "original", "mosaic", "pairs", "neighbours"})
 
     def __init__(self, spec, source, **kw):
         super().__init__(spec, source, **kw)
         gen = torch.Generator().manual_seed(self.planner.seed)
-        b = self.batch_size
+        b = self.planner.rows
 
         def pixels(*shape):
             return self.normalize(torch.randint(0, 256, (*shape, 3), dtype=torch.uint8, generator=gen))

@@ -174,7 +174,7 @@ class _StepOrder(Sampler):
 
 class TorchvisionLoader(PlannedLoader):
     name = "torchvision"
-    capabilities = frozenset({"crops", "asymmetric", "original", "mosaic", "pairs"})
+    capabilities = frozenset({"crops", "asymmetric", "original", "mosaic", "pairs", "neighbours"})
 
     def __init__(self, spec, source, **kw):
         super().__init__(spec, source, **kw)
@@ -183,7 +183,8 @@ class TorchvisionLoader(PlannedLoader):
         # fight the workers for the cores.
         self._loader = DataLoader(
             _Steps(self.planner, source), batch_size=None, sampler=_StepOrder(self),
-            num_workers=self.workers, persistent_workers=self.workers > 0,
+            # persistent workers would keep the planner (and its neighbour table) of their first epoch
+            num_workers=self.workers, persistent_workers=self.workers > 0 and not spec.neighbours,
             prefetch_factor=2 if self.workers > 0 else None,
             pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init)
 

@@ -114,25 +114,38 @@ class MosaicSpec:
 class PairSpec:
     """SCRL matched boxes (Roh et al., CVPR 2021, Sec. 3.2) between views 0 and
     1 of crop family `family`: K boxes sampled in the two windows'
-    intersection, each mapped into both views' pixels."""
+    intersection, each mapped into both views' pixels. round_frame and
+    keep_last are the official box generator's rules (plan.py `_pair_frame`,
+    `_pair_sample`); False gives ours (every box inside both windows, the
+    IoU bound always held)."""
     family: str = "global"
     boxes_per_image: int = 10
     min_size: int = 32
     max_iou: float = 0.5
     tries: int = 50
+    round_frame: bool = True
+    keep_last: bool = True
 
 
 @dataclass(frozen=True)
 class ViewSpec:
+    """What a method asks for. neighbours=True (CLIM): each batch of B
+    anchors gets B more rows, row B + b holding the image that the
+    planner's neighbour table names for anchor b (anchor b itself where it
+    names none); every crop family and the original are rendered for all
+    2B rows like any other sample."""
     crops: tuple = ()
     original: Optional[OriginalSpec] = None
     mosaic: Optional[MosaicSpec] = None
     pairs: Optional[PairSpec] = None
+    neighbours: bool = False
 
     def __post_init__(self):
         names = [c.name for c in self.crops]
         if len(set(names)) != len(names):
             raise ValueError(f"crop family names must be unique, got {names}")
+        if self.neighbours and (self.mosaic is not None or self.pairs is not None):
+            raise ValueError("neighbour rows go with crops and originals only, not mosaics or pairs")
         if self.pairs is not None:
             fam = {c.name: c for c in self.crops}.get(self.pairs.family)
             if fam is None or fam.count < 2:
@@ -157,6 +170,8 @@ class ViewSpec:
             caps.add("mosaic")
         if self.pairs is not None:
             caps.add("pairs")
+        if self.neighbours:
+            caps.add("neighbours")
         return caps
 
     def scaled(self, factor: float) -> "ViewSpec":
@@ -169,7 +184,7 @@ class ViewSpec:
         mosaic = self.mosaic and dataclasses.replace(
             self.mosaic, crop_size=px(self.mosaic.crop_size), jitter=int(round(self.mosaic.jitter * factor)))
         pairs = self.pairs and dataclasses.replace(self.pairs, min_size=max(2, int(round(self.pairs.min_size * factor))))
-        return ViewSpec(crops=crops, original=original, mosaic=mosaic, pairs=pairs)
+        return ViewSpec(crops=crops, original=original, mosaic=mosaic, pairs=pairs, neighbours=self.neighbours)
 
 
 @dataclass
@@ -188,6 +203,10 @@ class Views:
     pair_boxes:    [2, P, 5] (batch index, x0, y0, x1, y1) of the P matched
                    SCRL boxes in each view's pixels (view 0, view 1)
     index:         [B] dataset indices; labels: [B] (-1 when unknown)
+    neighbour:     [B] with ViewSpec.neighbours: the dataset index of anchor
+                   b's neighbour, -1 for none; then every per-row field above
+                   has 2B rows, rows B..2B-1 the neighbours (the anchor
+                   itself where -1), and batch_size stays B
     """
     crops: dict = field(default_factory=dict)
     boxes: dict = field(default_factory=dict)
@@ -199,10 +218,12 @@ class Views:
     pair_boxes: Optional[torch.Tensor] = None
     index: Optional[torch.Tensor] = None
     labels: Optional[torch.Tensor] = None
+    neighbour: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
-        return int(self.index.shape[0])
+        """Anchors per step (neighbour rows not counted)."""
+        return int(self.index.shape[0]) - (0 if self.neighbour is None else int(self.neighbour.shape[0]))
 
     def to(self, device, non_blocking: bool = True) -> "Views":
         def mv(t):

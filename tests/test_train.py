@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import make_image_folder
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--image-size", "16", "--batch-size", "8", "--arch", "resnet18", "--small-stem", "--workers", "0",
         "--log-every", "1"]
@@ -84,6 +86,32 @@ def test_resume_after_kill_matches_uninterrupted_run(labelled_folder, tmp_path):
     after = losses(killed)
     assert sorted(after) == list(range(1, 13))
     for step in range(1, 13):
+        assert abs(after[step] - reference[step]) <= 1e-5, (step, after[step], reference[step])
+
+
+def test_clim_resume_is_exact_with_the_neighbours_the_plan_fetched(tmp_path):
+    """CLIM's second epoch mixes neighbours that its plans fetched through the
+    table made at the epoch's start; a run stopped mid-epoch and restarted
+    logs the same losses (bank, table, draw counts in the checkpoint)."""
+    data = tmp_path / "data"
+    make_image_folder(data / "train", per_class=8, seed=2)   # 24 images: 3 steps of 8 an epoch
+    make_image_folder(data / "val", per_class=2, seed=3)
+    common = ["--method", "clim", "--pipeline", "torchvision", "--data", str(data), "--epochs", "2",
+              "--queue-size", "16", "--multires-sizes", "96", "--knn-every", "0", "--ckpt-every", "1", *TINY]
+    train(*common, "--run-dir", str(tmp_path / "whole"), timeout=1200)
+    reference = losses(tmp_path / "whole")
+    assert sorted(reference) == list(range(1, 7))
+    records = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    mixed = {r["step"]: r.get("mixed", 0.0) for r in records if "loss" in r}
+    assert all(mixed[s] == 0 for s in range(1, 4)) and any(mixed[s] > 0 for s in range(4, 7)), mixed
+    cut = tmp_path / "cut"
+    train(*common, "--run-dir", str(cut), "--stop-after", "5", timeout=1200)
+    assert max(losses(cut)) == 5
+    resumed = train(*common, "--run-dir", str(cut), timeout=1200)
+    assert "resumed from" in resumed.stdout
+    after = losses(cut)
+    assert sorted(after) == list(range(1, 7))
+    for step in range(1, 7):
         assert abs(after[step] - reference[step]) <= 1e-5, (step, after[step], reference[step])
 
 

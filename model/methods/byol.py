@@ -1,8 +1,9 @@
 """BYOL (Grill et al. 2020, "Bootstrap Your Own Latent").
 
 Online: backbone, projector MLP(C, 4096, 256), predictor MLP(256, 4096, 256)
-(Sec. 3.3). Target: EMA of backbone and projector, tau from 0.996 to 1 on a
-cosine schedule (Sec. 3.2). Loss: 2 - 2 cos(prediction, target projection)
+(Sec. 3.3), each Linear(bias)-BN-ReLU-Linear(no bias) as the official
+networks.py (heads.byol_mlp). Target: EMA of backbone and projector, tau
+from 0.996 to 1 on a cosine schedule (Sec. 3.2). Loss: 2 - 2 cos(prediction, target projection)
 of the other view, summed over both directions (Eq. 2: L + L~). Views: the
 asymmetric pair of Table 6 (blur 1.0 / 0.1, solarize 0 / 0.2).
 
@@ -18,7 +19,7 @@ from pipelines.views import BYOL_AUG_1, BYOL_AUG_2, CropSpec, ViewSpec, Views
 
 from ..backbones import build_backbone
 from ..common import byol_loss, copy_as_target, cosine_momentum, ema_update
-from ..heads import MLP
+from ..heads import byol_mlp
 
 
 class BYOL(nn.Module):
@@ -35,8 +36,8 @@ class BYOL(nn.Module):
         # current target decay, moved by step_end; a buffer, so torch.compile does not recompile as it moves
         self.register_buffer("tau", torch.tensor(float(cfg.ema)))
         self.backbone = build_backbone(cfg.arch, cfg.small_stem)
-        self.projector = MLP(self.backbone.out_dim, cfg.proj_hidden, cfg.proj_dim)
-        self.predictor = MLP(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim)
+        self.projector = byol_mlp(self.backbone.out_dim, cfg.proj_hidden, cfg.proj_dim)
+        self.predictor = byol_mlp(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim)
         self.target_backbone = copy_as_target(self.backbone)
         self.target_projector = copy_as_target(self.projector)
 

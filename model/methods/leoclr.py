@@ -20,7 +20,7 @@ X, X1 and X2 all go through the one online encoder with gradient, and each
 pair is SimCLR's NT-Xent over the batch (nt_xent(X, X1) + nt_xent(X, X2)).
 
 cfg keys: arch, small_stem, image_size, crop_min_scale, temperature,
-queue_size, proj_dim, proj_hidden, ema, shuffle_bn, end_to_end.
+queue_size, proj_dim, proj_hidden, ema, shuffle_bn, bn_splits, end_to_end.
 
     python train.py --method leoclr --data /data/imagenet                # the paper's method
     python train.py --method leoclr --end-to-end --data /data/imagenet   # the end-to-end ablation

@@ -1,18 +1,22 @@
 """MoCo v2 (Chen, Fan, Girshick, He 2020, "Improved Baselines with Momentum
 Contrastive Learning"; code: facebookresearch/moco).
 
-Query encoder: backbone + MLP head (2048-2048-128, no BN, as the official
-builder.py). Key encoder: its EMA, m = 0.999 constant. Negatives: a queue
-of past keys (65536). InfoNCE at T = 0.2.
+Query encoder: backbone + MLP head (C-C-128, no BN, C the backbone's
+width: 2048 for ResNet-50, 512 for ResNet-18, as the official builder.py's
+dim_mlp = fc.weight.shape[1]). Key encoder: its EMA, m = 0.999 constant,
+under shuffling BN (common.ShuffleBN: across ranks under DDP, emulated
+with bn_splits sub-batches in one process). Negatives: a queue of past
+keys (65536). InfoNCE at T = 0.2.
 
-symmetric=true (default) uses both views as query against the other's key
-and averages the two losses (MoCo v3 Sec. 3, most reimplementations); then
-both views' keys enter the one queue. symmetric=false is the paper's single
-direction (view 0 query, view 1 key). queue_size=0 drops the queue: the
-other keys of the global batch are the negatives (MoCo v3's form).
+symmetric=false (default) is the paper's single direction: view 0 the
+query, view 1 the key. symmetric=true uses both views as query against the
+other's key and averages the two losses (MoCo v3 Sec. 3); then both views'
+keys enter the one queue. queue_size=0 drops the queue: the other keys of
+the global batch are the negatives (MoCo v3's form).
 
 cfg keys: arch, small_stem, image_size, crop_min_scale, temperature,
-queue_size, proj_dim, proj_hidden, ema, symmetric, shuffle_bn.
+queue_size, proj_dim, proj_hidden (0: the backbone's width), ema,
+symmetric, shuffle_bn, bn_splits, seed.
 """
 from __future__ import annotations
 
@@ -22,8 +26,13 @@ import torch.nn as nn
 from pipelines.views import MOCOV2_AUG, CropSpec, ViewSpec, Views
 
 from ..backbones import build_backbone
-from ..common import Queue, momentum_key, copy_as_target, ema_update, info_nce
+from ..common import Queue, ShuffleBN, copy_as_target, ema_update, info_nce, momentum_key
 from ..heads import MLP
+
+
+def shuffle_bn_from(cfg) -> ShuffleBN:
+    """The key encoder's shuffling BN from cfg's shuffle_bn, bn_splits, seed."""
+    return ShuffleBN(getattr(cfg, "shuffle_bn", True), getattr(cfg, "bn_splits", 8), getattr(cfg, "seed", 0))
 
 
 class MoCoV2(nn.Module):
@@ -40,13 +49,13 @@ class MoCoV2(nn.Module):
         super().__init__()
         self.temperature = cfg.temperature
         self.ema = cfg.ema
-        self.symmetric = getattr(cfg, "symmetric", True)
-        self.shuffle_bn = getattr(cfg, "shuffle_bn", True)
+        self.symmetric = getattr(cfg, "symmetric", False)
         self.backbone = build_backbone(cfg.arch, cfg.small_stem,
                                        zero_init_residual=getattr(cfg, "zero_init_residual", False))
-        self.projector = MLP(self.backbone.out_dim, cfg.proj_hidden, cfg.proj_dim, bn=False)
-        self.key_backbone = self.key_projector = self.queue = None
+        self.projector = MLP(self.backbone.out_dim, cfg.proj_hidden or self.backbone.out_dim, cfg.proj_dim, bn=False)
+        self.key_backbone = self.key_projector = self.queue = self.shuffle_bn = None
         if key_encoder:
+            self.shuffle_bn = shuffle_bn_from(cfg)
             self.key_backbone = copy_as_target(self.backbone)
             self.key_projector = copy_as_target(self.projector)
             self.queue = Queue(cfg.proj_dim, cfg.queue_size) if cfg.queue_size > 0 else None

@@ -27,7 +27,7 @@ one direction: view 0 the query, view 1 the key and the tiles' positive.
 
 cfg keys: base, arch, small_stem, image_size, crop_min_scale, mosaic_crops,
 mosaic_scale, mosaic_jitter, roi_size, temperature, queue_size, proj_dim,
-proj_hidden, pred_hidden, ema, byol_ema, symmetric, shuffle_bn,
+proj_hidden, pred_hidden, ema, byol_ema, symmetric, shuffle_bn, bn_splits,
 zero_init_residual.
 
     python train.py --method mosrep --data /data/imagenet      # MoCo v2 base
@@ -48,19 +48,19 @@ import torch.nn.functional as F
 from pipelines.views import BYOL_AUG_1, BYOL_AUG_2, MOCOV2_AUG, CropSpec, MosaicSpec, ViewSpec, Views
 
 from ..backbones import build_backbone
-from ..common import (Queue, momentum_key, copy_as_target, cosine_momentum, ema_update,
+from ..common import (Queue, ShuffleBN, momentum_key, copy_as_target, cosine_momentum, ema_update,
                       info_nce_indexed, roi_features)
-from ..heads import MLP, ConvProjector
+from ..heads import MLP, ConvProjector, byol_mlp
 
 BASES = ("mocov2", "byol")
 
 
 def conv_projector(in_ch: int, hidden: int, out_dim: int, bn: bool) -> ConvProjector:
     """heads.ConvProjector; bn=False drops the BN of its MLP (the official
-    MoCo-based head: 1x1 conv-BN-ReLU, pool, Linear-ReLU-Linear)."""
+    MoCo-based head: 1x1 conv-BN-ReLU, pool, Linear-ReLU-Linear); bn=True
+    gives it BYOL's MLP (heads.byol_mlp) for the BYOL base."""
     head = ConvProjector(in_ch, hidden, out_dim)
-    if not bn:
-        head.mlp = MLP(hidden, hidden, out_dim, bn=False)
+    head.mlp = byol_mlp(hidden, hidden, out_dim) if bn else MLP(hidden, hidden, out_dim, bn=False)
     return head
 
 
@@ -93,12 +93,15 @@ class MosRep(nn.Module):
         self.byol = cfg.base == "byol"
         self.temperature, self.symmetric, self.roi_size = cfg.temperature, cfg.symmetric, cfg.roi_size
         self.ema = cfg.byol_ema if self.byol else cfg.ema
-        self.shuffle_bn = getattr(cfg, "shuffle_bn", True) and not self.byol
+        # shuffling BN is MoCo's (official builder.py); BYOL's target sees the plain batch
+        self.shuffle_bn = ShuffleBN(getattr(cfg, "shuffle_bn", True) and not self.byol, getattr(cfg, "bn_splits", 8),
+                                    getattr(cfg, "seed", 0))
         self.register_buffer("tau", torch.tensor(float(self.ema)))  # current EMA decay, moved by step_end
         self.backbone = build_backbone(cfg.arch, cfg.small_stem,
                                        zero_init_residual=getattr(cfg, "zero_init_residual", False))
-        self.projector = conv_projector(self.backbone.out_dim, cfg.proj_hidden, cfg.proj_dim, bn=self.byol)
-        self.predictor = MLP(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim) if self.byol else nn.Identity()
+        self.projector = conv_projector(self.backbone.out_dim, cfg.proj_hidden or self.backbone.out_dim, cfg.proj_dim,
+                                        bn=self.byol)
+        self.predictor = byol_mlp(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim) if self.byol else nn.Identity()
         self.key_backbone = copy_as_target(self.backbone)
         self.key_projector = copy_as_target(self.projector)
         self.queue = Queue(cfg.proj_dim, cfg.queue_size) if cfg.queue_size > 0 and not self.byol else None

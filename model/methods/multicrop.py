@@ -20,7 +20,7 @@ else is MoCo v2 (mocov2.py).
 
 cfg keys: arch, small_stem, image_size, crop_min_scale, local_crops,
 local_size, local_scale, temperature, queue_size, proj_dim, proj_hidden, ema,
-shuffle_bn, zero_init_residual.
+shuffle_bn, bn_splits, zero_init_residual.
 
     python train.py --method multicrop --data /data/imagenet    # SwAV's 2 x 224 + 6 x 96
     python train.py --method multicrop --local-crops 4 --local-size 112 --local-scale 0.1 0.6  # MosRep README's

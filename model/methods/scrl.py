@@ -19,6 +19,12 @@ scrl.enabled, else `byol_loss`), there is NO global BYOL term: the box loss
 is the whole objective. `global_weight` > 0 adds BYOL's image loss on
 pooled features (ours, off by default).
 
+Box rules as the official box_generator.py by default: the frame's side is
+round() of the scaled intersection and must exceed min_size, and a box that
+fails the IoU bound 50 times keeps its last draw. box_round_frame=false
+(floor, side >= min_size: every box inside both windows exactly) and
+box_keep_last=false (drop it: the IoU bound always holds) are ours.
+
 Official details kept: both views in one backbone pass (BN over 2B images),
 RoIAlign with aligned=False and sampling_ratio=-1 (scrl.detectron_aligned
 False), cosine EMA from the base momentum to 1 (trainer/base.py
@@ -26,8 +32,8 @@ False), cosine EMA from the base momentum to 1 (trainer/base.py
 gives loss 0 through every online parameter, so DDP sees each one used.
 
 cfg keys: arch, small_stem, image_size, crop_min_scale, boxes_per_image,
-box_min_size, box_max_iou, box_tries, proj_hidden, proj_dim, pred_hidden,
-ema, global_weight.
+box_min_size, box_max_iou, box_tries, box_keep_last, box_round_frame,
+proj_hidden, proj_dim, pred_hidden, ema, global_weight.
 """
 from __future__ import annotations
 
@@ -49,7 +55,9 @@ class SCRL(BYOL):
         # box_min_size is in pixels of a 224 view (official min_size 32): it scales with image_size
         min_size = max(1, round(getattr(cfg, "box_min_size", 32) * cfg.image_size / 224))
         pairs = PairSpec(family="global", boxes_per_image=getattr(cfg, "boxes_per_image", 10), min_size=min_size,
-                         max_iou=getattr(cfg, "box_max_iou", 0.5), tries=getattr(cfg, "box_tries", 50))
+                         max_iou=getattr(cfg, "box_max_iou", 0.5), tries=getattr(cfg, "box_tries", 50),
+                         round_frame=getattr(cfg, "box_round_frame", True),
+                         keep_last=getattr(cfg, "box_keep_last", True))
         return ViewSpec(crops=(CropSpec("global", 2, cfg.image_size, scale=scale, augs=(BYOL_AUG_1, BYOL_AUG_2)),),
                         pairs=pairs)
 

@@ -5,7 +5,7 @@ import torch.nn as nn
 import torchvision
 
 from model.backbones import BACKBONES, build_backbone, export_torchvision
-from model.heads import MLP, ConvProjector
+from model.heads import MLP, ConvProjector, byol_mlp
 
 
 @pytest.fixture(autouse=True)
@@ -74,6 +74,11 @@ def test_heads():
     assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear"]
     assert mlp[0].bias is None and mlp[-1].bias is not None
     assert [type(m).__name__ for m in MLP(16, 32, 8, bn=False)] == ["Linear", "ReLU", "Linear"]
+    # BYOL (Sec. 3.3, App. J; official networks.py): Linear with bias, BN, ReLU, Linear without bias
+    byol = byol_mlp(16, 32, 8)
+    assert [type(m).__name__ for m in byol] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert byol[0].bias is not None and byol[-1].bias is None and byol[1].affine
+    assert (byol[0].in_features, byol[0].out_features, byol[-1].out_features) == (16, 32, 8)
     last = MLP(16, 32, 8, bn_last=True)
     assert isinstance(last[-1], nn.BatchNorm1d) and not last[-1].affine and last[-2].bias is None
     assert mlp(torch.randn(4, 16)).shape == (4, 8)

@@ -10,8 +10,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.common import (Queue, batch_shuffle, batch_unshuffle, byol_loss, concat_all_gather, copy_as_target,
-                          cosine_momentum, ema_update, info_nce, nt_xent, roi_features)
+from model.common import (Queue, ShuffleBN, batch_shuffle, batch_unshuffle, byol_loss, concat_all_gather,
+                          copy_as_target, cosine_momentum, ema_update, info_nce, nt_xent, roi_features)
 from model.knn import knn_accuracy, knn_predict
 from model.optim import LARS, build_optimizer
 
@@ -257,6 +257,45 @@ def test_knn_separable_and_matches_brute_force():
         assert torch.equal(knn_predict(noisy, bank, bank_labels, 4, k=k, temperature=0.1, chunk_size=4), ref)
 
 
+# ----------------------------------------------------------------------------- shuffling BN
+def _key_encoder():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 6), nn.BatchNorm1d(6)).train()
+
+
+@pytest.mark.parametrize("batch,splits,subs", [(16, 4, 4), (16, 8, 8), (10, 3, 3), (4, 8, 2), (3, 8, 1)])
+def test_shuffle_bn_equals_per_sub_batch_reference_after_unshuffle(batch, splits, subs):
+    """One process: keys = the encoder on each sub-batch of the shuffled batch
+    (each BN with that sub-batch's statistics), put back in batch order; a
+    small batch gets fewer sub-batches, none under 2 samples."""
+    enc = _key_encoder()
+    x = torch.randn(batch, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    shuffle = ShuffleBN(True, splits, seed=7)
+    with torch.no_grad():
+        keys = shuffle(enc, x)
+        perm = torch.randperm(batch, generator=torch.Generator().manual_seed(7 * 1_000_003))
+        ref = torch.cat([enc(sub) for sub in x[perm].tensor_split(subs)])[torch.argsort(perm)]
+        whole = enc(x)
+    assert torch.allclose(keys, ref, atol=1e-6)
+    assert torch.allclose(keys, whole, atol=1e-3) == (subs == 1)  # BN statistics of sub-batches, not of the batch
+    assert shuffle.draws == 1
+
+
+def test_shuffle_bn_off_is_the_plain_encoder_and_draws_resume():
+    enc, x = _key_encoder(), torch.randn(12, 3, 6, 6)
+    with torch.no_grad():
+        whole = enc(x)
+        assert torch.equal(ShuffleBN(True, 1)(enc, x), whole)        # --bn-splits 1: the old behaviour
+        assert torch.equal(ShuffleBN(False, 8)(enc, x), whole)       # --no-shuffle-bn
+        a = ShuffleBN(True, 4, seed=3)
+        a(enc, x)
+        b = ShuffleBN(True, 4, seed=3)
+        b.load_state_dict(a.state_dict())                            # a resumed run draws what comes next
+        assert b.draws == 1 and torch.equal(a(enc, x), b(enc, x))
+        assert not torch.equal(ShuffleBN(True, 4, seed=3)(enc, x), b(enc, x))  # a fresh draw differs
+
+
 # ----------------------------------------------------------------------------- distributed (2 gloo ranks)
 def _dist_worker(rank, world, init_file, q):
     try:
@@ -299,9 +338,16 @@ def _dist_checks(rank, world, init_file, q):
         queue = Queue(d, 8)
         queue.enqueue(z1_all[sl])
         ok["queue"] = torch.equal(queue.keys[:world * n], z1_all) and queue.ptr.item() == world * n
-        x = torch.arange(float(world * n * 2)).view(world * n, 2)[sl]
-        shuffled, undo = batch_shuffle(x)
-        ok["shuffle"] = shuffled.shape == x.shape and torch.equal(batch_unshuffle(shuffled, undo), x)
+        x_all = torch.arange(float(world * n * 2)).view(world * n, 2)
+        x = x_all[sl]
+        perm = torch.randperm(world * n, generator=torch.Generator().manual_seed(5))  # the same on both ranks
+        shuffled, undo = batch_shuffle(x, perm)
+        ok["shuffle"] = torch.equal(shuffled, x_all[perm[sl]]) and torch.equal(batch_unshuffle(shuffled, undo), x)
+        # ShuffleBN under DDP: the cross-rank shuffle (no sub-batches), keys back in this rank's order
+        seen = []
+        keys = ShuffleBN(True, 8, seed=2)(lambda v: seen.append(v) or v * 3, x)
+        perm = torch.randperm(world * n, generator=torch.Generator().manual_seed(2 * 1_000_003))
+        ok["shuffle_bn"] = (len(seen) == 1 and torch.equal(seen[0], x_all[perm[sl]]) and torch.equal(keys, x * 3))
         q.put((rank, ok))
     finally:
         dist.destroy_process_group()

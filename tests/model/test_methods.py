@@ -40,14 +40,19 @@ def make_cfg(name, **over):
 def make_views(spec: ViewSpec, batch: int, seed: int = 0) -> Views:
     """Random tensors with the shapes of views.py, channels_last like a pipeline's."""
     g = torch.Generator().manual_seed(seed)
+    rows = 2 * batch if spec.neighbours else batch  # neighbour rows: image b's neighbour is b + 1, every third none
     crops, boxes = {}, {}
     for c in spec.crops:
-        crops[c.name] = torch.randn(c.count, batch, c.size, c.size, 3, generator=g).permute(0, 1, 4, 2, 3)
-        boxes[c.name] = torch.rand(c.count, batch, 5, generator=g)
-    views = Views(crops=crops, boxes=boxes, index=torch.arange(batch), labels=torch.zeros(batch, dtype=torch.long))
+        crops[c.name] = torch.randn(c.count, rows, c.size, c.size, 3, generator=g).permute(0, 1, 4, 2, 3)
+        boxes[c.name] = torch.rand(c.count, rows, 5, generator=g)
+    index = torch.arange(batch)
+    views = Views(crops=crops, boxes=boxes, index=index, labels=torch.zeros(rows, dtype=torch.long))
+    if spec.neighbours:
+        views.neighbour = torch.where(index % 3 == 0, -1, (index + 1) % batch)
+        views.index = torch.cat([index, torch.where(views.neighbour >= 0, views.neighbour, index)])
     if spec.original is not None:
         s = spec.original.size
-        views.original = torch.randn(batch, s, s, 3, generator=g).permute(0, 3, 1, 2)
+        views.original = torch.randn(rows, s, s, 3, generator=g).permute(0, 3, 1, 2)
     if spec.mosaic is not None:  # unshifted tiles; tile t of canvas c holds image (c + t) % B (distinct if B >= M)
         m, side, grid = spec.mosaic.crops_per_image, spec.mosaic.crop_size, spec.mosaic.grid
         views.mosaic = torch.randn(batch, side * grid, side * grid, 3, generator=g).permute(0, 3, 1, 2)
@@ -121,9 +126,10 @@ def test_forward_backward(name):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_overfits_one_batch(name):
-    # queue methods: in-batch negatives, since a queue filled by the same batch holds copies of the positives
+    # queue methods: in-batch negatives, since a queue filled by the same batch holds copies of the positives;
+    # shuffling BN in 2 sub-batches of 2 (of 1 sample, a key's BN would erase it on these 2 x 2 maps)
     in_batch = name in ("mocov2", "multicrop", "mosrep", "leoclr", "clim")
-    cfg, model, views = build(name, batch_size=4, **({"queue_size": 0} if in_batch else {}))
+    cfg, model, views = build(name, batch_size=4, **({"queue_size": 0, "bn_splits": 2} if in_batch else {}))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     losses = []
     for step in range(30):
@@ -163,7 +169,7 @@ def test_step_end_moves_target_toward_online(name):
 
 
 def test_mocov2_queue_and_symmetry():
-    cfg, model, views = build("mocov2")
+    cfg, model, views = build("mocov2", symmetric=True)
     ptr = model.queue.ptr.item()
     model(views)
     assert model.queue.ptr.item() == (ptr + 2 * cfg.batch_size) % cfg.queue_size  # both views' keys

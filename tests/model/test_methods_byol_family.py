@@ -1,6 +1,7 @@
 """SCRL, CLIM, CO-SSL and the RF-ResNet: each method's own invariant (the
 generic contract, gradient, overfitting and EMA tests run on them from
 test_methods.py, which parametrises over METHODS)."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 from model.backbones import BACKBONES, build_backbone
 from model.common import info_nce
 from model.methods import METHODS
-from model.methods.clim import cutmix, kmeans, mixed_info_nce, select_neighbours
+from model.methods.clim import bank_neighbours, cutmix, kmeans, mixed_info_nce
 from model.methods.cossl import local_loss_terms
 
 from .test_methods import build, make_cfg
@@ -73,32 +74,42 @@ def test_scrl_too_few_boxes_gives_zero_loss_reaching_every_parameter(pairs):
 
 # ----------------------------------------------------------------------------- CLIM
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), b=st.integers(2, 24), k=st.integers(1, 6), knn=st.integers(1, 8),
-       same=st.booleans())
-def test_clim_selected_neighbour_is_never_farther_from_the_centre(seed, b, k, knn, same):
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(2, 40), k=st.integers(1, 6), knn=st.integers(1, 8),
+       same=st.booleans(), empty=st.integers(0, 10))
+def test_clim_bank_neighbour_is_never_farther_from_the_centre(seed, n, k, knn, same, empty):
+    """Over the whole bank: a neighbour is one of the anchor's knn nearest
+    filled rows, other than itself, and never farther from the anchor's
+    centre than the anchor; empty rows neither get nor give neighbours."""
     g = torch.Generator().manual_seed(seed)
-    feats = F.normalize(torch.randn(b, 8, generator=g), dim=1)
+    feats = F.normalize(torch.randn(n, 8, generator=g), dim=1)
+    filled = torch.ones(n, dtype=torch.bool)
+    filled[torch.randperm(n, generator=g)[:min(empty, n - 1)]] = False
     centres = F.normalize(torch.randn(k, 8, generator=g), dim=1)
-    nbr = select_neighbours(feats, centres, knn, same_cluster=same, generator=g)
+    table = bank_neighbours(feats, filled, centres, knn, same_cluster=same, generator=g, chunk=7)
     assign = (feats @ centres.T).argmax(1)
+    rows = filled.nonzero().squeeze(1)
     sim = (feats @ feats.T).fill_diagonal_(float("-inf"))
-    near = sim.topk(min(knn, b - 1), dim=1).indices
-    for i, j in enumerate(nbr.tolist()):
+    sim[:, ~filled] = float("-inf")
+    near = sim.topk(min(knn, len(rows) - 1), dim=1).indices if len(rows) > 1 else None
+    assert table.shape == (n,) and (table[~filled] == -1).all()
+    for i, j in enumerate(table.tolist()):
         if j < 0:
             continue
         c = centres[assign[i]]
-        assert j != i and j in near[i].tolist()
-        assert (feats[j] - c).norm() <= (feats[i] - c).norm()
+        assert j != i and filled[j] and j in near[i].tolist()
+        assert (feats[j] - c).norm() < (feats[i] - c).norm()
         assert not same or assign[j] == assign[i]
 
 
-def test_clim_selection_finds_the_points_nearer_the_centre():
+def test_clim_bank_selection_finds_the_points_nearer_the_centre():
     centre = F.normalize(torch.tensor([[1.0, 0.0, 0.0]]), dim=1)
-    # one cluster along x: points ever farther from its centre
-    feats = F.normalize(torch.tensor([[1.0, 0.1, 0.0], [1.0, 0.2, 0.0], [1.0, 0.3, 0.0], [1.0, 0.4, 0.0]]), dim=1)
-    nbr = select_neighbours(feats, centre, knn=3)
-    assert nbr[0] == -1                                      # nothing is closer to the centre than point 0
-    assert all(0 <= nbr[i] < i for i in range(1, 4))
+    # one cluster along x: points ever farther from its centre (row 4 never filled)
+    feats = F.normalize(torch.tensor([[1.0, 0.1, 0.0], [1.0, 0.2, 0.0], [1.0, 0.3, 0.0], [1.0, 0.4, 0.0],
+                                      [1.0, 0.0, 0.0]]), dim=1)
+    filled = torch.tensor([True, True, True, True, False])
+    table = bank_neighbours(feats, filled, centre, knn=3)
+    assert table[0] == -1 and table[4] == -1                  # nothing is closer to the centre than point 0
+    assert all(0 <= table[i] < i for i in range(1, 4))
 
 
 def test_clim_kmeans_recovers_separated_clusters():
@@ -111,18 +122,20 @@ def test_clim_kmeans_recovers_separated_clusters():
 
 
 def test_clim_cutmix_lambda_is_the_anchor_fraction():
-    torch.manual_seed(0)
     x = torch.arange(4.0)[:, None, None, None].expand(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
-    nbr = torch.tensor([1, -1, 3, 0])
-    mixed, lam = cutmix(x, nbr, alpha=1.0)
+    other = 10 + x
+    has = torch.tensor([True, False, True, True])
+    mixed, lam = cutmix(x, other, has, 1.0, np.random.default_rng(0))
+    again, lam2 = cutmix(x, other, has, 1.0, np.random.default_rng(0))
+    assert torch.equal(mixed, again) and torch.equal(lam, lam2)  # the draws come from the generator alone
     assert mixed.is_contiguous(memory_format=torch.channels_last)
-    for i, j in enumerate(nbr.tolist()):
+    for i in range(4):
         own = (mixed[i] == i).float().mean()
         torch.testing.assert_close(lam[i], own)
-        if j < 0:
+        if not has[i]:
             assert lam[i] == 1
         else:
-            assert ((mixed[i] == i) | (mixed[i] == j)).all()
+            assert ((mixed[i] == i) | (mixed[i] == 10 + i)).all()
 
 
 @pytest.mark.parametrize("with_queue", [True, False])
@@ -139,19 +152,44 @@ def test_clim_mixed_loss_without_mixing_is_info_nce(with_queue):
     assert torch.isfinite(half)
 
 
-def test_clim_memory_grows_clusters_and_reloads():
+def test_clim_memory_grows_and_the_table_reloads():
     _, model, views = build("clim")
-    views.index = torch.tensor([3, 1500, 7, 9, 11, 13, 15, 17])
+    views.index = torch.cat([torch.tensor([3, 1500, 7, 9, 11, 13, 15, 17]), views.index[8:]])
     model(views)
     assert model.memory.shape[0] == 2048 and int(model.filled.sum()) == 8
-    assert model.centres.shape[0] == 1                       # 8 rows -> min(num_clusters, 8 // 10) -> 1
     torch.testing.assert_close(model.memory[1500].float().norm(), torch.tensor(1.0), atol=1e-3, rtol=0)
+    table = model.neighbour_table(1)
+    assert model.centres.shape[0] == 1                       # 8 rows -> min(num_clusters, 8 // 10) -> 1
+    assert table.shape == (2048,) and set(np.flatnonzero(table >= 0)) <= {3, 1500, 7, 9, 11, 13, 15, 17}
+    assert set(table[table >= 0]) <= {3, 1500, 7, 9, 11, 13, 15, 17}
+    model(views)                                             # the bank moves on; the epoch's table stays
+    assert np.array_equal(model.neighbour_table(1), table)
     _, fresh, _ = build("clim")
     fresh.load_state_dict(model.state_dict())
     assert torch.equal(fresh.memory, model.memory) and torch.equal(fresh.filled, model.filled)
+    assert np.array_equal(fresh.neighbour_table(1), table)   # resumed mid-epoch: the same table, not remade
     model.eval()
     model(views)
     assert int(model.filled.sum()) == 8                      # evaluation writes nothing
+
+
+def test_clim_mixes_each_anchor_with_its_neighbour_row(monkeypatch):
+    """The mixed query's partner is row B + b (the neighbour the plan fetched),
+    only for anchors that have one; without neighbours there is no mixing."""
+    from model.methods import clim as clim_mod
+    calls = []
+    real = clim_mod.cutmix
+    monkeypatch.setattr(clim_mod, "cutmix",
+                        lambda x, other, has, *a: calls.append((x, other, has)) or real(x, other, has, *a))
+    _, model, views = build("clim")
+    loss, metrics = model(views)
+    b = views.batch_size
+    x, other, has = calls[0]
+    assert torch.equal(x, views.crops["global"][0][:b]) and torch.equal(other, views.crops["global"][0][b:])
+    assert torch.equal(has, views.neighbour >= 0) and metrics["mixed"] == (views.neighbour >= 0).float().mean()
+    views.neighbour = torch.full_like(views.neighbour, -1)
+    _, metrics = model(views)
+    assert len(calls) == 1 and "mix_loss" not in metrics
 
 
 # ----------------------------------------------------------------------------- CO-SSL
@@ -215,3 +253,15 @@ def test_rf_resnet_receptive_field_is_smaller():
     h, w = _gradient_window(rf)
     assert (h, w) == (rf.receptive_field, rf.receptive_field) == (29, 29)  # the whole theoretical field, no more
     assert min(_gradient_window(full)) > max(h, w)
+
+
+# ----------------------------------------------------------------------------- BYOL's heads
+@pytest.mark.parametrize("name,over", [("byol", {}), ("scrl", {}), ("cossl", {}), ("mosrep", {"base": "byol"})])
+def test_byol_family_heads_are_byols_mlp(name, over):
+    """BYOL (App. J, official networks.py): Linear(bias)-BN-ReLU-Linear(no bias),
+    hidden proj_hidden / pred_hidden, output proj_dim."""
+    cfg, model, _ = build(name, **over)
+    heads = [model.predictor] + ([model.projector.mlp] if name == "mosrep" else [model.projector])
+    for head in heads:
+        assert [type(m).__name__ for m in head] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+        assert head[0].bias is not None and head[-1].bias is None and head[-1].out_features == cfg.proj_dim

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 import pipelines
 from model.common import info_nce, info_nce_indexed
+from model.methods import clim as clim_mod
 from model.methods import leoclr as leoclr_mod
+from model.methods import mocov2 as mocov2_mod
 from model.methods import mosrep as mosrep_mod
 from model.methods import multicrop as multicrop_mod
 from pipelines.views import BYOL_AUG_1, BYOL_AUG_2, MOCOV2_AUG
@@ -135,7 +137,7 @@ def test_info_nce_indexed_matches_hand_computation():
 
 
 def test_mosrep_tile_positive_is_its_source_images_key(monkeypatch):
-    _, model, views = build("mosrep")
+    _, model, views = build("mosrep", symmetric=True)
     model.eval()
     calls = record(monkeypatch, mosrep_mod, "info_nce_indexed")
     model(views)
@@ -186,7 +188,7 @@ def test_mosrep_weights_scale_tiles():
 
 
 def test_mosrep_queue_and_direction():
-    cfg, model, views = build("mosrep")
+    cfg, model, views = build("mosrep", symmetric=True)
     model(views)
     assert model.queue.ptr.item() == 2 * cfg.batch_size  # both views' keys
     _, single, views = build("mosrep", symmetric=False)
@@ -195,7 +197,7 @@ def test_mosrep_queue_and_direction():
 
 
 def test_mosrep_byol_base(monkeypatch):
-    _, model, views = build("mosrep", base="byol")
+    _, model, views = build("mosrep", base="byol", symmetric=True)
     assert model.queue is None and isinstance(model.predictor, torch.nn.Sequential)
     calls = record(monkeypatch, mosrep_mod, "weighted_regression")
     loss, metrics = model(views)
@@ -218,7 +220,7 @@ def test_mosrep_byol_base(monkeypatch):
 
 # ----------------------------------------------------------------------------- leoclr
 def test_leoclr_original_to_query_encoder_crops_to_key_encoder():
-    _, model, views = build("leoclr")
+    _, model, views = build("leoclr", bn_splits=1)  # whole batches through the key encoder (routing only)
     seen = {"query": [], "key": []}
     model.backbone.register_forward_pre_hook(lambda m, a: seen["query"].append(a[0]))
     model.key_backbone.register_forward_pre_hook(lambda m, a: seen["key"].append(a[0]))
@@ -254,3 +256,52 @@ def test_leoclr_end_to_end_variant():
     assert all(p.grad is not None for p in model.backbone.parameters())
     model.step_end(0.5)  # nothing to move
     assert math.isfinite(metrics["acc"].item())
+
+
+# ----------------------------------------------------------------------------- shuffling BN, paper defaults
+MOCO_FAMILY = ["mocov2", "multicrop", "mosrep", "leoclr", "clim"]
+
+
+@pytest.mark.parametrize("name", MOCO_FAMILY)
+def test_keys_go_through_shuffling_bn(name):
+    """Each MoCo-family key is the key encoder under ShuffleBN: per-sub-batch
+    BN statistics by default (bn_splits 8 in every yaml), the plain key
+    encoder on the whole batch with bn_splits 1."""
+    output = 0 if name == "mosrep" else 1
+    for splits in (8, 1):
+        cfg, model, views = build(name, bn_splits=splits)
+        assert model.shuffle_bn.enabled and model.shuffle_bn.splits == splits
+        x = views.crops["global"][1]
+        with torch.no_grad():
+            keys = model._key(x)
+            whole = F.normalize(model.key_projector(model.key_backbone(x)[output]).float(), dim=1)
+        assert torch.allclose(keys, whole, atol=1e-5) == (splits == 1), splits
+
+
+@pytest.mark.parametrize("name", ["mocov2", "mosrep"])
+def test_single_direction_by_default_symmetric_by_flag(name, monkeypatch):
+    """The papers' one direction (view 0 query, view 1 key) unless --symmetric."""
+    keyed = record(monkeypatch, mocov2_mod.MoCoV2 if name == "mocov2" else mosrep_mod.MosRep, "_key")
+    cfg, model, views = build(name)
+    assert cfg.symmetric is False
+    model(views)
+    x1, x2 = views.crops["global"]
+    assert len(keyed) == 1 and torch.equal(keyed[0][1], x2)
+    keyed.clear()
+    _, model, views = build(name, symmetric=True)
+    model(views)
+    assert len(keyed) == 2 and torch.equal(keyed[1][1], views.crops["global"][0])
+
+
+@pytest.mark.parametrize("name", MOCO_FAMILY)
+@pytest.mark.parametrize("arch,width", [("resnet18", 512), ("resnet50", 2048)])
+def test_moco_head_hidden_width_is_the_backbones(name, arch, width):
+    """official builder.py: dim_mlp = fc.weight.shape[1] (MosRep's ConvProjector(2048, dim) on ResNet-50)."""
+    cfg = make_cfg(name, arch=arch, proj_hidden=0)
+    model = {"mocov2": mocov2_mod.MoCoV2, "multicrop": multicrop_mod.MultiCrop, "mosrep": mosrep_mod.MosRep,
+             "leoclr": leoclr_mod.LeOCLR, "clim": clim_mod.CLIM}[name](cfg)
+    head = model.projector.mlp if name == "mosrep" else model.projector
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(width, width), (width, cfg.proj_dim)]
+    if name == "mosrep":
+        assert model.projector.conv[0].out_channels == width

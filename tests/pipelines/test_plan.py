@@ -204,13 +204,15 @@ def ref_mosaic_geometry(tile_src, shift, grid, crop):
     return paste, rois, src, weight
 
 
-def ref_pair_frame(window, b, size):
+def ref_pair_frame(window, b, size, round_frame=False):
     (t0, l0, h0, w0), (t1, l1, h1, w1) = (tuple(int(x) for x in window[v, b]) for v in (0, 1))
     ix0, ix1 = max(l0, l1), min(l0 + w0, l1 + w1)
     iy0, iy1 = max(t0, t1), min(t0 + h0, t1 + h1)
     wmax, hmax = max(w0, w1), max(h0, h1)
     if ix1 <= ix0 or iy1 <= iy0:
         return ix0, iy0, wmax, hmax, -1, -1
+    if round_frame:  # kakaobrain/scrl box_generator.py: round(int_w * scale_wmin), scale_wmin = size / wmax
+        return ix0, iy0, wmax, hmax, round((ix1 - ix0) * (size / wmax)), round((iy1 - iy0) * (size / hmax))
     return ix0, iy0, wmax, hmax, (ix1 - ix0) * size // wmax, (iy1 - iy0) * size // hmax
 
 
@@ -221,8 +223,9 @@ def iou(a, b):
     return inter, (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
 
 
-def ref_pair_sample(rng: Rng, fw, fh, k, min_size, max_iou, tries):
-    """SCRL's grid-based box generation with integer corners."""
+def ref_pair_sample(rng: Rng, fw, fh, k, min_size, max_iou, tries, keep_last=False):
+    """SCRL's grid-based box generation with integer corners; keep_last: the
+    last of `tries` failed draws is kept (official), else dropped."""
     boxes = []
     for _ in range(k):
         for _t in range(tries):
@@ -238,31 +241,36 @@ def ref_pair_sample(rng: Rng, fw, fh, k, min_size, max_iou, tries):
             if all(inter <= max_iou * union for inter, union in (iou(box, o) for o in boxes)):
                 boxes.append(box)
                 break
+        else:
+            if keep_last:
+                boxes.append(box)
     return boxes
 
 
-def ref_pair_draws(key, window, size, k, min_size, max_iou, tries, positions):
+def ref_pair_draws(key, window, size, k, min_size, max_iou, tries, positions, round_frame=False, keep_last=False):
     batch = window.shape[1]
     min_size = max(min_size, 1)
     frame = np.zeros((batch, k, 4), np.int64)
     count = np.zeros(batch, np.int32)
     for b in range(batch):
-        *_, fw, fh = ref_pair_frame(window, b, size)
-        if fw < min_size or fh < min_size:
+        *_, fw, fh = ref_pair_frame(window, b, size, round_frame)
+        if (fw <= min_size or fh <= min_size) if round_frame else (fw < min_size or fh < min_size):
             continue
-        boxes = ref_pair_sample(Rng(key, 0, int(positions[b])), fw, fh, k, min_size, max_iou, tries)
+        boxes = ref_pair_sample(Rng(key, 0, int(positions[b])), fw, fh, k, min_size, max_iou, tries, keep_last)
         count[b] = len(boxes)
         if boxes:
             frame[b, :len(boxes)] = boxes
     return frame, count
 
 
-def ref_pair_boxes(window, flip, size, frame, count):
+def ref_pair_boxes(window, flip, size, frame, count, round_frame=False):
     """x_src = ix + fx * wmax / size, x_view = (x_src - left) * size / w (exact
-    rational arithmetic, one rounding), mirrored when the view is flipped."""
+    rational arithmetic, one rounding), clipped to the view (official
+    clip_box: only a rounded frame reaches past it), mirrored when the view
+    is flipped."""
     rows = [[], []]
     for b in range(window.shape[1]):
-        ix, iy, wmax, hmax, _, _ = ref_pair_frame(window, b, size)
+        ix, iy, wmax, hmax, _, _ = ref_pair_frame(window, b, size, round_frame)
         for i in range(count[b]):
             fx0, fy0, fx1, fy1 = (int(x) for x in frame[b, i])
             for v in range(2):
@@ -271,6 +279,7 @@ def ref_pair_boxes(window, flip, size, frame, count):
                 x1 = ((ix - left) * size + fx1 * wmax) / w
                 y0 = ((iy - top) * size + fy0 * hmax) / h
                 y1 = ((iy - top) * size + fy1 * hmax) / h
+                x1, y1 = min(x1, size), min(y1, size)
                 if flip[v, b]:
                     x0, x1 = size - x1, size - x0
                 rows[v].append((b, x0, y0, x1, y1))
@@ -689,16 +698,19 @@ def random_windows(data, batch, size):
 @SETTINGS
 @given(data=st.data(), batch=st.integers(1, 10), size=st.integers(8, 256), k=st.integers(0, 12),
        min_size=st.integers(1, 64), max_iou=st.floats(0.0, 1.0), tries=st.integers(1, 60),
-       key=st.integers(0, 2**64 - 1), first=st.integers(0, 10**6))
-def test_pairs_match_reference(data, batch, size, k, min_size, max_iou, tries, key, first):
+       key=st.integers(0, 2**64 - 1), first=st.integers(0, 10**6), round_frame=st.booleans(),
+       keep_last=st.booleans())
+def test_pairs_match_reference(data, batch, size, k, min_size, max_iou, tries, key, first, round_frame, keep_last):
     window = random_windows(data, batch, size)
     flip = np.array(data.draw(st.lists(st.booleans(), min_size=2 * batch, max_size=2 * batch))).reshape(2, batch)
     positions = np.arange(first, first + batch, dtype=np.int64)
-    frame, count = P._pair_draws(np.uint64(key), window, size, k, min_size, max_iou, tries, positions)
-    ref_frame, ref_count = ref_pair_draws(key, window, size, k, min_size, max_iou, tries, positions)
+    frame, count = P._pair_draws(np.uint64(key), window, size, k, min_size, max_iou, tries, round_frame, keep_last,
+                                 positions)
+    ref_frame, ref_count = ref_pair_draws(key, window, size, k, min_size, max_iou, tries, positions, round_frame,
+                                          keep_last)
     assert np.array_equal(count, ref_count) and np.array_equal(frame, ref_frame)
-    boxes = P._pair_boxes(window, flip, size, frame, count)
-    ref = ref_pair_boxes(window, flip, size, frame, count)
+    boxes = P._pair_boxes(window, flip, size, frame, count, round_frame)
+    ref = ref_pair_boxes(window, flip, size, frame, count, round_frame)
     assert boxes.dtype == np.float32 and boxes.shape == ref.shape == (2, count.sum(), 5)
     assert np.array_equal(boxes, ref)
 
@@ -712,7 +724,9 @@ def check_pairs(pp: PairPlan, cp: CropPlan, spec: PairSpec):
     assert np.array_equal(pp.boxes[0, :, 0], pp.boxes[1, :, 0])
     x0, y0, x1, y1 = (pp.boxes[..., i].astype(np.float64) for i in range(1, 5))
     assert (x0 >= 0).all() and (y0 >= 0).all() and (x1 <= size).all() and (y1 <= size).all()
-    assert (x1 - x0 >= min_size - 1e-3).all() and (y1 - y0 >= min_size - 1e-3).all()
+    # a rounded frame exceeds the intersection by half a frame pixel at most: a box clipped by that loses as much
+    slack = 0.5 if spec.round_frame else 0.0
+    assert (x1 - x0 >= min_size - slack - 1e-3).all() and (y1 - y0 >= min_size - slack - 1e-3).all()
     # both views see the same source region: map each back to source pixels
     src = []
     for v in range(2):
@@ -722,35 +736,42 @@ def check_pairs(pp: PairPlan, cp: CropPlan, spec: PairSpec):
         xa, xb = np.where(fl, size - x1[v], x0[v]), np.where(fl, size - x0[v], x1[v])
         src.append(np.stack([left + xa * w / size, top + y0[v] * h / size, left + xb * w / size,
                              top + y1[v] * h / size], 1))
-    assert np.allclose(src[0], src[1], atol=1e-2)
+    b = pp.boxes[0, :, 0].astype(np.int64)
+    wmax = np.maximum(cp.window[0, b, 2:], cp.window[1, b, 2:]).max(1).astype(np.float64)
+    tol = 1e-2 + (0.5 * wmax / size if spec.round_frame else 0.0 * wmax)  # the clipped rounding, in source pixels
+    assert (np.abs(src[0] - src[1]) <= tol[:, None]).all()
     # ...inside both windows
     for v in range(2):
         b = pp.boxes[v, :, 0].astype(np.int64)
         top, left, h, w = (cp.window[v, b, i] for i in range(4))
         assert (src[v][:, 0] >= left - 1e-3).all() and (src[v][:, 2] <= left + w + 1e-3).all()
         assert (src[v][:, 1] >= top - 1e-3).all() and (src[v][:, 3] <= top + h + 1e-3).all()
-    # the IoU bound between boxes of one image, in either view
+    # the IoU bound between boxes of one image, in either view (a kept last draw may break it)
     p = 0
-    for b in range(batch):
+    for b in range(batch if not spec.keep_last else 0):
         for i in range(p, p + pp.count[b]):
             for j in range(p, i):
                 for v in range(2):
                     inter, union = iou(pp.boxes[v, i, 1:].astype(np.float64), pp.boxes[v, j, 1:].astype(np.float64))
                     assert inter <= spec.max_iou * union + 1e-3 * union
         p += pp.count[b]
-    # images with no boxes are those whose overlap is too small
+    # images with no boxes are those whose overlap is too small; kept last draws fill every other image
     for b in range(batch):
-        *_, fw, fh = ref_pair_frame(cp.window, b, size)
-        if fw < min_size or fh < min_size:
+        *_, fw, fh = ref_pair_frame(cp.window, b, size, spec.round_frame)
+        if (fw <= min_size or fh <= min_size) if spec.round_frame else (fw < min_size or fh < min_size):
             assert pp.count[b] == 0
+        elif spec.keep_last:
+            assert pp.count[b] == k
 
 
 @SETTINGS
 @given(size=st.integers(16, 128), k=st.integers(1, 12), min_size=st.integers(2, 40), max_iou=st.floats(0.05, 1.0),
-       flip_p=st.sampled_from([0.0, 0.5, 1.0]), scale0=st.floats(0.05, 1.0), seed=st.integers(0, 10**6))
-def test_pair_invariants(size, k, min_size, max_iou, flip_p, scale0, seed):
+       flip_p=st.sampled_from([0.0, 0.5, 1.0]), scale0=st.floats(0.05, 1.0), seed=st.integers(0, 10**6),
+       round_frame=st.booleans(), keep_last=st.booleans())
+def test_pair_invariants(size, k, min_size, max_iou, flip_p, scale0, seed, round_frame, keep_last):
     crops = CropSpec("global", 2, size, scale=(scale0, 1.0), augs=(AugSpec(flip_p=flip_p),))
-    spec = ViewSpec(crops=(crops,), pairs=PairSpec(boxes_per_image=k, min_size=min_size, max_iou=max_iou))
+    spec = ViewSpec(crops=(crops,), pairs=PairSpec(boxes_per_image=k, min_size=min_size, max_iou=max_iou,
+                                                   round_frame=round_frame, keep_last=keep_last))
     w, h = sizes(40, seed=seed % 50, lo=1, hi=500)
     plan = Planner(spec, w, h, 24, seed=seed).plan(1, 0)
     check_pairs(plan.pairs, plan.crops["global"], spec.pairs)
@@ -781,16 +802,81 @@ def test_pairs_skip_disjoint_and_thin_overlaps():
     # window[view, image] = (top, left, h, w); image 0's windows do not meet,
     # image 1's overlap by 50 px of 100 (32 px in the frame at S = 64)
     window = np.array([[[0, 0, 50, 50], [0, 0, 100, 100]], [[60, 60, 40, 40], [0, 50, 100, 100]]], np.int32)
-    frame, count = P._pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10, np.arange(2))
-    assert count.tolist() == [0, 5]
-    # 13 px of overlap: floor(13 * 64 / 100) = 8 = min_size, just enough
+    for round_frame in (False, True):
+        frame, count = P._pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10, round_frame, False, np.arange(2))
+        assert count.tolist() == [0, 5]
+    # ours (floor): 13 px of overlap: floor(13 * 64 / 100) = 8 = min_size, just enough
     window[1, 1] = (0, 87, 100, 100)
-    frame, count = P._pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10, np.arange(2))
+    frame, count = P._pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10, False, False, np.arange(2))
     assert count.tolist() == [0, 5] and (frame[1, :, 2] - frame[1, :, 0] == 8).all()
     # 12 px: 7.68 px in the frame, under 8
     window[1, 1] = (0, 88, 100, 100)
-    frame, count = P._pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10, np.arange(2))
+    frame, count = P._pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10, False, False, np.arange(2))
     assert count.tolist() == [0, 0]
+
+
+def test_pairs_official_frame_rounds_and_must_exceed_min_size():
+    """kakaobrain/scrl box_generator.py: int_w_scaled = round(int_w * scale_wmin),
+    skipped when min_size >= int_w_scaled."""
+    window = np.array([[[0, 0, 100, 100]], [[0, 88, 100, 100]]], np.int32)  # 12 px of 100 overlap
+    frame, count = P._pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10, True, False, np.arange(2))
+    assert count.tolist() == [0]                       # round(7.68) = 8, not above 8
+    window[1, 0] = (0, 86, 100, 100)                   # 14 px: 8.96 -> 9 (floor: 8)
+    frame, count = P._pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10, True, False, np.arange(2))
+    assert count.tolist() == [5] and (frame[0, :, 2] <= 9).all() and (frame[0, :, 2] == 9).any()
+    window[1, 0] = (0, 81, 100, 100)                   # 19 px: 12.16 -> 12 (and 12.5 -> 12, half to even)
+    assert P._pair_frame(window, 0, 64, True)[4] == 12
+    window = np.array([[[0, 0, 128, 128]], [[0, 103, 128, 128]]], np.int32)  # 25 px at 64/128: 12.5
+    assert P._pair_frame(window, 0, 64, True)[4] == 12 and P._pair_frame(window, 0, 64, False)[4] == 12
+    window[1, 0] = (0, 101, 128, 128)                  # 27 px: 13.5 -> 14
+    assert P._pair_frame(window, 0, 64, True)[4] == 14 and P._pair_frame(window, 0, 64, False)[4] == 13
+    # a box on the rounded frame's far edge reaches past the 100 px window by 0.04 frame px: clipped to the view
+    window = np.array([[[0, 0, 100, 100]], [[0, 86, 100, 100]]], np.int32)
+    frame = np.array([[[1, 0, 9, 64]]], np.int64)
+    boxes = P._pair_boxes(window, np.zeros((2, 1), bool), 64, frame, np.array([1], np.int32), True)
+    assert boxes[0, 0, 3] == 64 and boxes[1, 0, 3] == np.float32(9.0)
+
+
+def test_pairs_keep_last_draw_after_failed_tries():
+    """max_iou 0 on a frame with room for one box: every later box fails all
+    its tries; the official rule keeps each last draw, ours drops it."""
+    window = np.array([[[0, 0, 100, 100]], [[0, 0, 100, 100]]], np.int32)  # the same window: frame 16 x 16
+    ours, n_ours = P._pair_draws(np.uint64(3), window, 16, 4, 12, 0.0, 5, False, False, np.arange(window.shape[1]))
+    kept, n_kept = P._pair_draws(np.uint64(3), window, 16, 4, 12, 0.0, 5, False, True, np.arange(window.shape[1]))
+    assert n_ours.tolist() == [1] and n_kept.tolist() == [4]
+    assert np.array_equal(kept[0, 0], ours[0, 0])  # the first box is the same draw
+    ref = ref_pair_sample(Rng(3, 0, 0), 16, 16, 4, 12, 0.0, 5, keep_last=True)
+    assert [tuple(r) for r in kept[0].tolist()] == ref  # and each kept box is its fifth draw
+
+
+# ---------------------------------------------------------------- CLIM neighbour rows
+
+def test_neighbour_rows_come_from_the_table_and_leave_the_anchors_alone():
+    """ViewSpec.neighbours: rows B..2B-1 are the table's images (the anchor's
+    own where the table names none, is too short, or names an index past the
+    data); the anchors' rows are those of the same plan without neighbours;
+    a plan is a function of its key and the table."""
+    crops = (CropSpec("global", 2, 32, augs=(AugSpec(flip_p=0.5),)), CropSpec("res0", 1, 16))
+    plain = Planner(ViewSpec(crops=crops), *sizes(40, seed=1), 8, seed=4)
+    fetch = Planner(ViewSpec(crops=crops, neighbours=True), *sizes(40, seed=1), 8, seed=4)
+    empty = fetch.plan(1, 2)
+    assert (empty.neighbour == -1).all() and np.array_equal(empty.index[8:], empty.index[:8])  # no table yet
+    table = np.arange(35)[::-1].copy()     # image i -> 34 - i; images 35..39 are past the table's end
+    table[::4] = -1
+    table[33] = 40                          # past the data: none
+    fetch.set_neighbours(table)
+    a, b = plain.plan(1, 2), fetch.plan(1, 2)
+    anchors = b.index[:8]
+    assert np.array_equal(anchors, a.index) and fetch.rows == 16 and len(b.index) == 16
+    want = np.array([table[i] if i < 35 and table[i] < 40 else -1 for i in anchors])
+    assert np.array_equal(b.neighbour, want) and np.array_equal(b.index[8:], np.where(want >= 0, want, anchors))
+    for name in ("global", "res0"):
+        for f in ("window", "flip", "jitter", "factors", "order", "gray", "sigma", "solarize"):
+            assert np.array_equal(getattr(b.crops[name], f)[:, :8], getattr(a.crops[name], f)), (name, f)
+        assert getattr(b.crops[name], "window").shape[1] == 16
+    assert all(np.array_equal(x, y) for x, y in zip(arrays(b), arrays(fetch.plan(1, 2))))
+    with pytest.raises(ValueError, match="neighbour"):
+        ViewSpec(crops=crops, mosaic=MosaicSpec(), neighbours=True)
 
 
 # ---------------------------------------------------------------- speed

@@ -116,6 +116,35 @@ def test_crops_and_original_show_the_planned_windows(name, coords):
 
 
 @pytest.mark.parametrize("name", RENDERERS)
+def test_neighbour_rows_show_the_images_the_table_names(name, coords):
+    """ViewSpec.neighbours (CLIM): row B + b of every family is rendered from
+    the image the planner's table names for anchor b (anchor b's own where
+    it names none), through the plan's windows like any other row."""
+    spec = ViewSpec(crops=(CropSpec("global", 2, 24, scale=(0.05, 1.0), augs=(FLIPS,)),),
+                    original=OriginalSpec(20, aug=FLIPS), neighbours=True)
+    table = np.array([5, -1, 0, 7, 3, -1, 2])  # image 7 is past the table's end: no neighbour
+    ld = make(name, spec, coords, seed=2)
+    ld.set_neighbours(table)
+    fetched = 0
+    for step, views in enumerate(ld):
+        plan = ld.planner.plan(0, step)
+        anchors = plan.index[:B]
+        want = np.array([table[i] if i < len(table) else -1 for i in anchors])
+        assert np.array_equal(views.neighbour.cpu().numpy(), want) and views.batch_size == B
+        assert np.array_equal(plan.index[B:], np.where(want >= 0, want, anchors))
+        fetched += int((want >= 0).sum())
+        families = [("global", plan.crops["global"], to_uint8(views.crops["global"])),
+                    ("original", plan.original, to_uint8(views.original)[None])]
+        for fam, cp, px in families:
+            assert px.shape[1] == 2 * B
+            for v in range(cp.count):
+                for r in range(2 * B):
+                    check_view(px[v, r], cp.window[v, r], cp.flip[v, r], image_code(coords, plan.index[r]),
+                               f"{name} {fam}[{v}] row {r} step {step}")
+    assert fetched > 0
+
+
+@pytest.mark.parametrize("name", RENDERERS)
 def test_mosaic_tiles_land_where_the_paste_table_says(name, coords):
     spec = ViewSpec(crops=(CropSpec("global", 2, 16),), mosaic=MosaicSpec(crop_size=16, jitter=6, aug=FLIPS))
     ld = make(name, spec, coords, seed=2)
