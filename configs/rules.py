@@ -143,7 +143,8 @@ RULES = [
     Rule("arch", "a backbone name (model/backbones.py BACKBONES)", lambda v: v in _arches(), "resnet7",
          "unknown backbone"),
     count("proj_dim", 1),
-    count("proj_hidden", 1),
+    count("proj_hidden", 0),  # 0: the backbone's width (MoCo's dim_mlp)
+    count("bn_splits", 1),
     count("pred_hidden", 1),
     count("local_hidden", 1),
     count("roi_size", 1),
