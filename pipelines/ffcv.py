@@ -50,6 +50,7 @@ import os
 import pathlib
 import sys
 import tempfile
+import threading
 from dataclasses import replace
 from typing import Iterator, Optional
 
@@ -99,11 +100,14 @@ _tj_destroy.restype, _tj_destroy.argtypes = ctypes.c_int, [ctypes.c_void_p]
 _TJPF_RGB = 0
 
 
-@numba.njit(nogil=True, cache=True)
-def _jpeg_decode(data, out, height, width):
-    """JPEG bytes -> RGB rows of `width` into out (flat uint8); 0 on success."""
+@numba.njit(nogil=True)  # not cached: Numba cannot cache calls through ctypes
+def _jpeg_decode(data, size, out, height, width):
+    """`size` JPEG bytes at address `data` -> RGB rows of `width` at address
+    `out`; 0 on success. Addresses, not arrays: Numba's dispatcher loses
+    track of overloads taking read-only arrays (FFCV's memory maps) when
+    several compiled pipelines call it."""
     handle = _tj_init()
-    status = _tj_decompress(handle, data.ctypes.data, data.size, out.ctypes.data, width, 0, height, _TJPF_RGB, 0)
+    status = _tj_decompress(handle, data, size, out, width, 0, height, _TJPF_RGB, 0)
     _tj_destroy(handle)
     return status
 
@@ -202,7 +206,14 @@ P_ROW = G_LEN + colour.P_LEN
 T_LEN = 8
 
 
-@numba.njit(nogil=True, cache=True)
+# Compiled once, for read-only arguments (writable ones convert): typing a
+# call from each new FFCV stage would otherwise compile further overloads,
+# and Numba's dispatcher raised KeyError doing that from FFCV's thread.
+_U8_IN = numba.types.Array(numba.uint8, 1, "C", readonly=True)
+_ROW = numba.types.Array(numba.float32, 1, "C", readonly=True)
+
+
+@numba.njit(numba.void(_U8_IN, _ROW, numba.uint8[:, :, ::1]), nogil=True, cache=True)
 def resample_view(decoded, p, tile):
     """tile (S, S, 3) uint8 = the window of row p cut from one decoded image
     (flat uint8), resampled and flipped as the reference does."""
@@ -232,7 +243,7 @@ class _Decode(Operation):
                 if field["mode"] == raw:
                     destination[i, :h * w * 3] = data[:h * w * 3]
                 else:
-                    _jpeg_decode(data, destination[i], h, w)
+                    _jpeg_decode(data.ctypes.data, data.size, destination[i].ctypes.data, h, w)
             return destination[:len(batch_indices)]
 
         decode_batch.is_parallel = True
@@ -325,6 +336,9 @@ class _PlanOrder(TraversalOrder):
         return self.record[shard].astype(np.uint64)
 
 
+_COMPILING = threading.Lock()
+
+
 class _Epoch(EpochIterator):
     """FFCV's epoch thread, writing each step's plan into the parameter
     buffers of its batch slot before the compiled stage runs; yields (plan, outputs)."""
@@ -345,7 +359,12 @@ class _Epoch(EpochIterator):
         if not np.array_equal(self.owner._record[plan.index], batch_indices):
             raise RuntimeError(f"ffcv: step {self.first_step + b_ix}'s batch is not the plan's")
         self.owner._write_params(plan, batch_slot, self.memory_allocations["operation"])
-        return plan, super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+        if self.owner._compiled:
+            return plan, super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+        with _COMPILING:  # the first batch compiles the stage: one pipeline at a time (Numba's dispatchers race)
+            result = super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+        self.owner._compiled = True
+        return plan, result
 
 
 class _FFCVLoader(Loader):
@@ -392,7 +411,7 @@ class FfcvLoader(PlannedLoader):
         self.colour_on_device = self.device.type == "cuda"
         self._groups = _groups(spec)
         self._batches_ahead = int(batches_ahead)
-        self._ffcv = None
+        self._ffcv, self._running, self._compiled = None, None, False
 
     def _build(self):
         """FFCV's loader: one decoder, one branch per view family (compiled here, once)."""
@@ -455,16 +474,24 @@ class FfcvLoader(PlannedLoader):
     def _render(self, epoch: int, start: int) -> Iterator[Views]:
         if self._ffcv is None:
             self._build()
+        self._stop()
         self._order.epoch, self._order.start = epoch, start
-        it = iter(self._ffcv)
+        it = self._running = iter(self._ffcv)
         try:
             for plan, outputs in it:
                 yield self._views(plan, outputs)
             if it.error is not None:
                 raise RuntimeError(f"ffcv: rendering failed: {it.error!r}") from it.error
         finally:
+            self._stop()
+
+    def _stop(self) -> None:
+        """End the running epoch's thread: it plans ahead with our planner,
+        which a new iteration must not share with it."""
+        it, self._running = self._running, None
+        if it is not None:
             it.close()
-            it.join(timeout=60)  # its thread plans ahead with our planner: let it stop first
+            it.join(timeout=60)
 
     def _views(self, plan: BatchPlan, outputs) -> Views:
         """Each family copied out of FFCV's slot buffers (reused a few steps
@@ -505,6 +532,7 @@ class FfcvLoader(PlannedLoader):
         return out.to(self.dtype).movedim(-1, -3)
 
     def close(self) -> None:
+        self._stop()
         self._ffcv = None
 
 
