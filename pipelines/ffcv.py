@@ -48,6 +48,7 @@ import json
 import math
 import os
 import pathlib
+import queue
 import sys
 import tempfile
 import threading
@@ -250,6 +251,44 @@ class _Decode(Operation):
         return decode_batch
 
 
+@numba.extending.intrinsic
+def _address(typingctx, address):
+    """An integer address as a void pointer, for numba.carray."""
+    sig = numba.types.voidptr(address)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], numba.core.cgutils.voidptr_t)
+    return sig, codegen
+
+
+def _render_sample(decoded, length, params, out, count, size, colour_on):
+    """Every view of one image: `count` rows of params (float32 [count,
+    P_ROW]) -> out float32 [count, S, S, 3] normalised (colour_on) or uint8
+    [count, S, S, 3] resampled. Arguments are addresses and sizes."""
+    image = numba.carray(_address(decoded), length, dtype=np.uint8)
+    rows = numba.carray(_address(params), (count, P_ROW), dtype=np.float32)
+    if colour_on:
+        views = numba.carray(_address(out), (count, size, size, 3), dtype=np.float32)
+        tile = np.empty((size, size, 3), np.uint8)
+        for v in range(count):
+            resample_view(image, rows[v], tile)
+            colour.render(views[v], tile, rows[v, G_LEN:])
+    else:
+        tiles = numba.carray(_address(out), (count, size, size, 3), dtype=np.uint8)
+        for v in range(count):
+            resample_view(image, rows[v], tiles[v])
+
+
+# A C function called through its address from FFCV's compiled stage: a
+# direct call would link (and optimise again) all of colour.render into
+# every stage FFCV compiles, a minute per loader; this is compiled once and cached.
+_u64, _i64 = numba.types.uint64, numba.types.int64
+_RENDER_SAMPLE = numba.cfunc(numba.types.void(_u64, _i64, _u64, _u64, _i64, _i64, _i64), nopython=True,
+                             cache=True)(_render_sample)
+_render_sample_c = ctypes.CFUNCTYPE(None, ctypes.c_uint64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64,
+                                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)(_RENDER_SAMPLE.address)
+
+
 class _Render(Operation):
     """`count` views of every image from its decode: float32 normalised
     (colour on the CPU) or uint8 resized tiles (colour on the device)."""
@@ -265,27 +304,18 @@ class _Render(Operation):
             (AllocationQuery(shape, dtype), AllocationQuery((self.count, P_ROW), np.dtype("f4")))
 
     def generate_code(self):
-        loop, count, size = Compiler.get_iterator(), self.count, self.size
+        loop, count, size, colour_on = Compiler.get_iterator(), self.count, self.size, int(self.colour_on)
+        render = _render_sample_c
 
         def render_batch(decoded, memory):
             out, params = memory
             for i in loop(decoded.shape[0]):
-                tile = np.empty((size, size, 3), np.uint8)
-                for v in range(count):
-                    resample_view(decoded[i], params[i, v], tile)
-                    colour.render(out[i, v], tile, params[i, v, G_LEN:])
+                render(decoded[i].ctypes.data, decoded.shape[1], params[i].ctypes.data, out[i].ctypes.data, count,
+                       size, colour_on)
             return out
 
-        def resample_batch(decoded, memory):
-            out, params = memory
-            for i in loop(decoded.shape[0]):
-                for v in range(count):
-                    resample_view(decoded[i], params[i, v], out[i, v])
-            return out
-
-        code = render_batch if self.colour_on else resample_batch
-        code.is_parallel = True
-        return code
+        render_batch.is_parallel = True
+        return render_batch
 
 
 class _Paste(Operation):
@@ -489,9 +519,14 @@ class FfcvLoader(PlannedLoader):
         """End the running epoch's thread: it plans ahead with our planner,
         which a new iteration must not share with it."""
         it, self._running = self._running, None
-        if it is not None:
-            it.close()
-            it.join(timeout=60)
+        if it is None:
+            return
+        it.close()
+        while it.is_alive():  # its last put (the end marker) blocks on a full queue: drain it
+            try:
+                it.output_queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
 
     def _views(self, plan: BatchPlan, outputs) -> Views:
         """Each family copied out of FFCV's slot buffers (reused a few steps
