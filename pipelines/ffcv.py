@@ -422,7 +422,7 @@ class FfcvLoader(PlannedLoader):
 
     def __init__(self, spec, source, *, beton: Optional[str] = None, cache_dir: Optional[str] = None,
                  jpeg_quality: int = DEFAULT_QUALITY, max_side: Optional[int] = None,
-                 batches_ahead: int = 2, **kw):
+                 batches_ahead: int = 2, colour_on_device: Optional[bool] = None, **kw):
         path = beton or ensure_beton(source, cache_dir=cache_dir, jpeg_quality=jpeg_quality, max_side=max_side)
         reader = Reader(str(path))
         position = reader.metadata["f1"].astype(np.int64)  # each record's position in the source, -1: skipped
@@ -440,7 +440,9 @@ class FfcvLoader(PlannedLoader):
                                 "write it again from this source")
         super().__init__(spec, source, **kw)
         self.path = str(path)
-        self.colour_on_device = self.device.type == "cuda"
+        # on a GPU, colour runs batched on it; `colour_on_device=True` on the
+        # CPU runs the same kernels in Numba's CUDA simulator (tests)
+        self.colour_on_device = self.device.type == "cuda" if colour_on_device is None else bool(colour_on_device)
         self._groups = _groups(spec)
         self._batches_ahead = int(batches_ahead)
         self._ffcv, self._running, self._compiled = None, None, False

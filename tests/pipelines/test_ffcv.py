@@ -140,3 +140,26 @@ def test_cached_beton_is_reused_until_a_file_changes(mixed, tmp_path):
     os.utime(source.paths[0], ns=(1, 1))
     again = ensure_beton(source, cache_dir=str(tmp_path))
     assert again == first and again.stat().st_mtime_ns != stamp
+
+
+def test_colour_on_the_device_matches_colour_in_the_stage(tmp_path):
+    """The GPU path (FFCV resamples, pipelines/colour.py's CUDA kernels
+    colour and paste) against the CPU path, in Numba's CUDA simulator."""
+    import numba
+    if not numba.config.ENABLE_CUDASIM:
+        pytest.skip("runs in Numba's CUDA simulator (a GPU machine has the gpu tests)")
+    from pipelines.views import CropSpec, MosaicSpec, MOCOV2_AUG
+    from tests.conftest import make_image_folder
+    source = open_source(str(make_image_folder(tmp_path / "img", classes=1, per_class=4, size=(20, 16))),
+                         cache_dir=str(tmp_path), progress=False)
+    spec = ViewSpec(crops=(CropSpec("global", 1, 8, augs=(MOCOV2_AUG,)),),
+                    mosaic=MosaicSpec(crops_per_image=4, crop_size=4, jitter=2))
+    stage = next(iter(build("ffcv", spec, source, batch_size=4, seed=1, workers=1, cache_dir=str(tmp_path))))
+    device = next(iter(build("ffcv", spec, source, batch_size=4, seed=1, workers=1, cache_dir=str(tmp_path),
+                             colour_on_device=True)))
+    assert torch_equal_within(stage.crops["global"], device.crops["global"])
+    assert torch_equal_within(stage.mosaic, device.mosaic)
+
+
+def torch_equal_within(a, b, levels=1):
+    return a.shape == b.shape and float((a - b).abs().max()) <= levels / (0.224 * 255) + 1e-6
