@@ -15,7 +15,9 @@ CORE = [
 ]
 EXTRAS = {
     "dali": ["nvidia-dali-cuda130>=2.4,<3"],
-    "ffcv": ["ffcv>=1.0.2", "opencv-python-headless>=4.8"],
+    # needs `apt-get install pkg-config libturbojpeg0-dev libopencv-dev` first (its C extension);
+    # ffcv brings opencv-python itself (a second, headless OpenCV would fight it over cv2)
+    "ffcv": ["ffcv>=1.0.2"],
     "dev": ["pytest>=8", "hypothesis>=6.100", "tensorboard>=2.15"],
 }
 EXTRAS["all"] = sorted({r for reqs in EXTRAS.values() for r in reqs})

@@ -13,6 +13,7 @@ from .base import PipelineError, PlannedLoader
 # name -> (module, class, the import that must work for it to be offered)
 _BACKENDS = {
     "dali": ("pipelines.dali", "DaliLoader", "nvidia.dali"),
+    "ffcv": ("pipelines.ffcv", "FfcvLoader", "ffcv"),
     "torchvision": ("pipelines.torchvision", "TorchvisionLoader", "torchvision"),
     "synthetic": ("pipelines.synthetic", "SyntheticLoader", "torch"),
 }
@@ -32,7 +33,7 @@ PIPELINES = {name: entry for name, entry in _BACKENDS.items()
 def loader_class(name: str) -> type:
     if name not in PIPELINES:
         known = ", ".join(sorted(PIPELINES))
-        extra = " (its package is not installed: pip install -e .[dali])" if name in _BACKENDS else ""
+        extra = f" (its package is not installed: pip install -e .[{name}])" if name in _BACKENDS else ""
         raise PipelineError(f"unknown pipeline {name!r}{extra}; available: {known}")
     module, cls, _ = PIPELINES[name]
     return getattr(importlib.import_module(module), cls)

@@ -59,8 +59,12 @@ def test_keep_every_keeps_each_nth_checkpoint(labelled_folder, tmp_path):
     assert any(not torch.equal(final[k], early[k]) for k in final)  # a kept file is its own step's weights
 
 
-def test_resume_after_kill_matches_uninterrupted_run(labelled_folder, tmp_path):
-    common = ["--method", "mocov2", "--pipeline", "torchvision", "--data", str(labelled_folder), "--epochs", "2",
+@pytest.mark.parametrize("pipeline", ["torchvision", "ffcv"])
+def test_resume_after_kill_matches_uninterrupted_run(labelled_folder, tmp_path, pipeline):
+    import pipelines
+    if pipeline not in pipelines.PIPELINES:
+        pytest.skip(f"{pipeline} is not installed")
+    common = ["--method", "mocov2", "--pipeline", pipeline, "--data", str(labelled_folder), "--epochs", "2",
               "--queue-size", "32", "--knn-every", "0", "--ckpt-every", "2", *TINY]
     train(*common, "--run-dir", str(tmp_path / "whole"))
     reference = losses(tmp_path / "whole")
