@@ -27,7 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import PIPELINES, build
+from pipelines import PIPELINES, build, loader_class
 from pipelines.data import open_source
 from pipelines.torchvision import MOSAIC_FILL
 from pipelines.views import (BYOL_AUG_2, MEAN, MOCOV2_AUG, NO_AUG, STD, AugSpec, CropSpec, MosaicSpec,
@@ -123,6 +123,8 @@ def test_neighbour_rows_show_the_images_the_table_names(name, coords):
     spec = ViewSpec(crops=(CropSpec("global", 2, 24, scale=(0.05, 1.0), augs=(FLIPS,)),),
                     original=OriginalSpec(20, aug=FLIPS), neighbours=True)
     table = np.array([5, -1, 0, 7, 3, -1, 2])  # image 7 is past the table's end: no neighbour
+    if "neighbours" not in loader_class(name).capabilities:
+        pytest.skip(f"{name} does not fetch neighbour rows (CLIM)")
     ld = make(name, spec, coords, seed=2)
     ld.set_neighbours(table)
     fetched = 0
@@ -242,8 +244,11 @@ needs_both = pytest.mark.skipif(not {"dali", "torchvision"} <= set(PIPELINES), r
 # pipelines/colour.py. Measured here (2026-11-30): brightness, contrast,
 # saturation, blur and the recipes mean <= 0.01, max 1 level; grayscale
 # and solarize mean 0.012 and 0.029, max 1; hue mean 0.023, p99.9 4, max 6
-# (colour.py's HSV round trip and PIL's on rare pixels).
-FFCV_COLOUR = {op: (aug, 0.05, 4 if op == "hue" else 1) for op, (aug, _, _) in COLOUR.items()}
+# (colour.py's HSV round trip and PIL's on rare pixels). After the plan came
+# to be keyed on the global order (other windows): contrast mean 0.026, p99.9
+# 2, max 2 (a one-level resize difference moves the rounded mean of a view by
+# one, and with it every pixel the contrast blend scales).
+FFCV_COLOUR = {op: (aug, 0.05, {"hue": 4, "contrast": 2}.get(op, 1)) for op, (aug, _, _) in COLOUR.items()}
 TOLERANCES = {"dali": COLOUR, "ffcv": FFCV_COLOUR}
 
 
