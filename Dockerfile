@@ -35,12 +35,13 @@ WORKDIR /workspace/viewforge
 
 # Dependencies first, so code edits do not reinstall them.
 COPY setup.py ./
-RUN mkdir -p pipelines model/methods && touch pipelines/__init__.py model/__init__.py model/methods/__init__.py \
+RUN mkdir -p pipelines model/methods bench configs \
+    && touch pipelines/__init__.py model/__init__.py model/methods/__init__.py bench/__init__.py configs/__init__.py \
     && extras="dev" \
     && if [ "$TORCH_VERSION" = 2.14.1 ] && [ "$TORCHVISION_VERSION" = 0.29.1 ]; then extras="$extras,pinned"; fi \
     && pip install --no-cache-dir "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
        "${DALI_PACKAGE}>=2.4,<3" -e ".[${extras}]" \
-    && rm -rf pipelines model *.egg-info
+    && rm -rf pipelines model bench configs *.egg-info
 COPY --chown=viewforge:viewforge . .
 RUN pip install --no-cache-dir --no-deps -e . && python3 -c "import torch, pipelines, model.methods" \
     && mkdir -p runs /cache && chown viewforge:viewforge runs /cache
