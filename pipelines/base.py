@@ -9,12 +9,14 @@ from `self.planner.plan(epoch, step)`. Iteration, `len`, mid-epoch
 from __future__ import annotations
 
 import abc
+import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from .plan import BatchPlan, Planner
+from .plan import BatchPlan, CropPlan, Planner
 from .views import MEAN, STD, ViewSpec, Views
 
 
@@ -142,3 +144,38 @@ class PlannedLoader(abc.ABC):
         if plan.neighbour is not None:
             views.neighbour = torch.as_tensor(plan.neighbour).to(dev)
         return views
+
+
+@dataclass(frozen=True)
+class ViewFamily:
+    """Views rendered from one CropPlan: a crop family, the original, or the
+    mosaic's tiles (what a renderer loops over; the same for every pipeline)."""
+    kind: str   # 'crops', 'original' or 'mosaic'
+    name: str
+    count: int
+    size: int
+    augs: tuple  # one AugSpec per view
+
+    def plan(self, plan: BatchPlan) -> CropPlan:
+        if self.kind == "crops":
+            return plan.crops[self.name]
+        return plan.original if self.kind == "original" else plan.mosaic.crops
+
+    @property
+    def outputs(self) -> int:  # the mosaic's tiles leave a renderer pasted, as one canvas
+        return 1 if self.kind == "mosaic" else self.count
+
+    @property
+    def out_size(self) -> int:
+        return self.size * math.isqrt(self.count) if self.kind == "mosaic" else self.size
+
+
+def view_families(spec: ViewSpec) -> list:
+    families = [ViewFamily("crops", c.name, c.count, c.size, tuple(c.aug(v) for v in range(c.count)))
+                for c in spec.crops]
+    if spec.original is not None:
+        families.append(ViewFamily("original", "original", 1, spec.original.size, (spec.original.aug,)))
+    if spec.mosaic is not None:
+        m = spec.mosaic
+        families.append(ViewFamily("mosaic", "mosaic", m.crops_per_image, m.crop_size, (m.aug,) * m.crops_per_image))
+    return families

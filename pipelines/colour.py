@@ -32,6 +32,8 @@ import math
 import types as pytypes
 
 import numba
+import numba.core.cgutils
+import numba.extending
 import numpy as np
 import torch
 from numba import cuda  # the simulator's under NUMBA_ENABLE_CUDASIM=1; kernels read it as a global
@@ -367,6 +369,18 @@ def _weight_table(params, width):
             k = int(params[n, P_KERNEL])
             out[n, :k] = gaussian(k, params[n, P_SIGMA])
     return out
+
+
+@numba.extending.intrinsic
+def void_ptr(typingctx, address):
+    """An integer address as a void pointer, for numba.carray: how the C
+    functions that DALI's Numba operator and FFCV's stage call by address
+    reach their buffers."""
+    sig = numba.types.voidptr(address)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], numba.core.cgutils.voidptr_t)
+    return sig, codegen
 
 
 # ---------------------------------------------------------------- CUDA

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -58,7 +57,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from . import colour
-from .base import PipelineError, PlannedLoader
+from .base import PipelineError, PlannedLoader, ViewFamily, view_families
 from .data import read_checked
 from .plan import BatchPlan, CropPlan
 from .torchvision import MOSAIC_FILL
@@ -81,39 +80,6 @@ _MODES = ("numba", "dali", "cuda")
 
 
 # ---------------------------------------------------------------- static layout
-@dataclass(frozen=True)
-class _Group:
-    """Views rendered from one CropPlan: a crop family, the original, or the mosaic's tiles."""
-    kind: str   # 'crops', 'original' or 'mosaic'
-    name: str
-    count: int
-    size: int
-    augs: tuple
-
-    def plan(self, plan: BatchPlan) -> CropPlan:
-        if self.kind == "crops":
-            return plan.crops[self.name]
-        return plan.original if self.kind == "original" else plan.mosaic.crops
-
-    @property
-    def outputs(self) -> int:  # the mosaic's tiles leave the graph pasted, as one canvas
-        return 1 if self.kind == "mosaic" else self.count
-
-    @property
-    def out_size(self) -> int:
-        return self.size * math.isqrt(self.count) if self.kind == "mosaic" else self.size
-
-
-def _groups(spec) -> list:
-    groups = [_Group("crops", c.name, c.count, c.size, tuple(c.aug(v) for v in range(c.count))) for c in spec.crops]
-    if spec.original is not None:
-        groups.append(_Group("original", "original", 1, spec.original.size, (spec.original.aug,)))
-    if spec.mosaic is not None:
-        m = spec.mosaic
-        groups.append(_Group("mosaic", "mosaic", m.crops_per_image, m.crop_size, (m.aug,) * m.crops_per_image))
-    return groups
-
-
 def _mode(p: float) -> str:
     """How an operation of probability p enters the graph."""
     return "off" if p <= 0 else "on" if p >= 1 else "cond"
@@ -398,7 +364,7 @@ class DaliLoader(PlannedLoader):
         if colour == "numba" and _cpu_operator() is None:
             raise PipelineError("dali: colour='numba' needs DALI's Numba plugin")
         self.mode = "cuda" if self.gpu else "dali" if colour == "dali" or _cpu_operator() is None else "numba"
-        self._groups = _groups(spec)
+        self._groups = view_families(spec)
         self._views = [[_View(g, v, a) for v, a in enumerate(group.augs)] for g, group in enumerate(self._groups)]
         self._pipe, self._feed, self._token = None, None, None
         self._known_bad = set()  # files that passed the header check but failed DALI's decode
@@ -523,7 +489,7 @@ class DaliLoader(PlannedLoader):
             self._place(views, group, finish(pixels))
         return views
 
-    def _place(self, views: Views, group: _Group, pixels: torch.Tensor) -> None:
+    def _place(self, views: Views, group: ViewFamily, pixels: torch.Tensor) -> None:
         """A family's [n, B, C, H, W] (the mosaic's [B, C, S, S]) into Views."""
         if group.kind == "crops":
             views.crops[group.name] = pixels
@@ -542,7 +508,7 @@ def _normalised(pixels: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(pixels.numpy() * colour.NORM_SCALE + colour.NORM_SHIFT)
 
 
-def render_group(group: _Group, plan: BatchPlan, tiles: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def render_group(group: ViewFamily, plan: BatchPlan, tiles: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """What follows the GPU graph for one view family: resized tiles uint8
     [count, B, s, s, 3] (overwritten) -> normalised [count, B, 3, s, s]
     (the mosaic: canvases [B, 3, S, S]) in `dtype`, channels_last. On CPU
@@ -589,33 +555,24 @@ def _copy_out(batch, dest: torch.Tensor, stream: int | None = None) -> None:
 # (see nvidia/dali/plugin/numba); its Python wrapper compiles new ones for
 # every operator it makes (seconds each), so ours are compiled once, cached
 # on disk, and their addresses handed to the operator.
-@numba.extending.intrinsic
-def _void_ptr(typingctx, address):
-    sig = numba.types.voidptr(address)
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], numba.core.cgutils.voidptr_t)
-    return sig, codegen
-
-
 def _run(out_ptr, out_shapes_ptr, out_ndims_ptr, num_outs, in_ptr, in_shapes_ptr, in_ndims_ptr, num_ins):
     """One sample: inputs (image HWC uint8, p float32[13]), output image HWC float32, normalised."""
-    outs = numba.carray(_void_ptr(out_ptr), 1, dtype=np.int64)
-    ins = numba.carray(_void_ptr(in_ptr), 2, dtype=np.int64)
-    shapes = numba.carray(_void_ptr(in_shapes_ptr), 2, dtype=np.int64)  # per input: its shape's address
-    shape = numba.carray(_void_ptr(shapes[0]), 3, dtype=np.int64)
-    image = numba.carray(_void_ptr(ins[0]), (shape[0], shape[1], shape[2]), dtype=np.uint8)
-    out = numba.carray(_void_ptr(outs[0]), (shape[0], shape[1], shape[2]), dtype=np.float32)
-    colour.render(out, image, numba.carray(_void_ptr(ins[1]), colour.P_LEN, dtype=np.float32))
+    outs = numba.carray(colour.void_ptr(out_ptr), 1, dtype=np.int64)
+    ins = numba.carray(colour.void_ptr(in_ptr), 2, dtype=np.int64)
+    shapes = numba.carray(colour.void_ptr(in_shapes_ptr), 2, dtype=np.int64)  # per input: its shape's address
+    shape = numba.carray(colour.void_ptr(shapes[0]), 3, dtype=np.int64)
+    image = numba.carray(colour.void_ptr(ins[0]), (shape[0], shape[1], shape[2]), dtype=np.uint8)
+    out = numba.carray(colour.void_ptr(outs[0]), (shape[0], shape[1], shape[2]), dtype=np.float32)
+    colour.render(out, image, numba.carray(colour.void_ptr(ins[1]), colour.P_LEN, dtype=np.float32))
 
 
 def _setup(out_shapes_ptr, out_ndims_ptr, num_outs, in_shapes_ptr, in_ndims_ptr, num_ins, num_samples):
     """Every sample's output shape is its image's."""
-    outs = numba.carray(_void_ptr(out_shapes_ptr), num_samples, dtype=np.int64)
-    ins = numba.carray(_void_ptr(in_shapes_ptr), num_samples, dtype=np.int64)  # input 0's come first
+    outs = numba.carray(colour.void_ptr(out_shapes_ptr), num_samples, dtype=np.int64)
+    ins = numba.carray(colour.void_ptr(in_shapes_ptr), num_samples, dtype=np.int64)  # input 0's come first
     for i in range(num_samples):
-        src = numba.carray(_void_ptr(ins[i]), 3, dtype=np.int64)
-        dst = numba.carray(_void_ptr(outs[i]), 3, dtype=np.int64)
+        src = numba.carray(colour.void_ptr(ins[i]), 3, dtype=np.int64)
+        dst = numba.carray(colour.void_ptr(outs[i]), 3, dtype=np.int64)
         for d in range(3):
             dst[d] = src[d]
 

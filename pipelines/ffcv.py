@@ -73,7 +73,7 @@ from ffcv.traversal_order.base import TraversalOrder
 from ffcv.writer import DatasetWriter
 
 from . import colour
-from .base import PipelineError, PlannedLoader
+from .base import PipelineError, PlannedLoader, view_families
 from .data import EXIF_ORIENTATION, DataError, Source, cache_root
 from .plan import BatchPlan, CropPlan
 from .views import Views
@@ -253,30 +253,20 @@ class _Decode(Operation):
         return decode_batch
 
 
-@numba.extending.intrinsic
-def _address(typingctx, address):
-    """An integer address as a void pointer, for numba.carray."""
-    sig = numba.types.voidptr(address)
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], numba.core.cgutils.voidptr_t)
-    return sig, codegen
-
-
 def _render_sample(decoded, length, params, out, count, size, colour_on):
     """Every view of one image: `count` rows of params (float32 [count,
     P_ROW]) -> out float32 [count, S, S, 3] normalised (colour_on) or uint8
     [count, S, S, 3] resampled. Arguments are addresses and sizes."""
-    image = numba.carray(_address(decoded), length, dtype=np.uint8)
-    rows = numba.carray(_address(params), (count, P_ROW), dtype=np.float32)
+    image = numba.carray(colour.void_ptr(decoded), length, dtype=np.uint8)
+    rows = numba.carray(colour.void_ptr(params), (count, P_ROW), dtype=np.float32)
     if colour_on:
-        views = numba.carray(_address(out), (count, size, size, 3), dtype=np.float32)
+        views = numba.carray(colour.void_ptr(out), (count, size, size, 3), dtype=np.float32)
         tile = np.empty((size, size, 3), np.uint8)
         for v in range(count):
             resample_view(image, rows[v], tile)
             colour.render(views[v], tile, rows[v, G_LEN:])
     else:
-        tiles = numba.carray(_address(out), (count, size, size, 3), dtype=np.uint8)
+        tiles = numba.carray(colour.void_ptr(out), (count, size, size, 3), dtype=np.uint8)
         for v in range(count):
             resample_view(image, rows[v], tiles[v])
 
@@ -443,7 +433,7 @@ class FfcvLoader(PlannedLoader):
         # on a GPU, colour runs batched on it; `colour_on_device=True` on the
         # CPU runs the same kernels in Numba's CUDA simulator (tests)
         self.colour_on_device = self.device.type == "cuda" if colour_on_device is None else bool(colour_on_device)
-        self._groups = _groups(spec)
+        self._groups = view_families(spec)
         self._batches_ahead = int(batches_ahead)
         self._ffcv, self._running, self._compiled = None, None, False
 
@@ -573,30 +563,6 @@ class FfcvLoader(PlannedLoader):
     def close(self) -> None:
         self._stop()
         self._ffcv = None
-
-
-class _Group:
-    """Views rendered from one CropPlan: a crop family, the original, or the mosaic's tiles."""
-
-    def __init__(self, kind, name, count, size, augs, out_size=None):
-        self.kind, self.name, self.count, self.size, self.augs = kind, name, count, size, augs
-        self.out_size = out_size or size
-
-    def plan(self, plan: BatchPlan) -> CropPlan:
-        if self.kind == "crops":
-            return plan.crops[self.name]
-        return plan.original if self.kind == "original" else plan.mosaic.crops
-
-
-def _groups(spec) -> list:
-    groups = [_Group("crops", c.name, c.count, c.size, tuple(c.aug(v) for v in range(c.count))) for c in spec.crops]
-    if spec.original is not None:
-        groups.append(_Group("original", "original", 1, spec.original.size, (spec.original.aug,)))
-    if spec.mosaic is not None:
-        m = spec.mosaic
-        groups.append(_Group("mosaic", "mosaic", m.crops_per_image, m.crop_size, (m.aug,) * m.crops_per_image,
-                             m.canvas_size))
-    return groups
 
 
 def _subset(source: Source, keep: np.ndarray) -> Source:

@@ -169,7 +169,8 @@ def test_every_view_family_through_the_kernels(family, tmp_path):
     """What follows the GPU graph (pipelines.dali.render_group), fed the
     reference's resized tiles, renders the reference's views: crops, the
     original, and mosaic canvases pasted from coloured tiles."""
-    from pipelines.dali import _groups, render_group
+    from pipelines.base import view_families as _groups
+    from pipelines.dali import render_group
 
     spec = {"crops": ViewSpec(crops=(CropSpec("global", 2, 10, augs=(BUSY,)),)),
             "original": ViewSpec(crops=(CropSpec("global", 1, 8, augs=(BUSY,)),), original=OriginalSpec(9, BUSY)),
@@ -205,7 +206,8 @@ def test_every_view_family_through_the_kernels(family, tmp_path):
 
 @kernels
 def test_bfloat16_views_are_the_float32_views_rounded(tmp_path):
-    from pipelines.dali import _groups, render_group
+    from pipelines.base import view_families as _groups
+    from pipelines.dali import render_group
 
     spec = ViewSpec(crops=(CropSpec("global", 1, 8, augs=(BUSY,)),))
     _, plan, images = family_data(tmp_path, spec, batch=2)
