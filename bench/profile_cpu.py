@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from bench.throughput import RECIPES, describe, prepare_data  # noqa: E402
 from pipelines import colour  # noqa: E402
-from pipelines.dali import DaliLoader  # noqa: E402
+from pipelines.dali import DaliLoader, _type  # noqa: E402
 
 OPS = {"brightness": 0, "contrast": 1, "saturation": 2, "hue": 3}
 
@@ -77,7 +77,6 @@ def graph_only(loader: DaliLoader, views: bool):
                                       interp_type=types.INTERP_LINEAR, antialias=True))
         return tuple(outs)
 
-    from pipelines.dali import _type
     pipe = graph(batch_size=loader.batch_size, num_threads=1, device_id=None, prefetch_queue_depth=1,
                  exec_pipelined=False, exec_async=False)
     pipe.build()

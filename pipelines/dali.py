@@ -72,11 +72,10 @@ _SOLARIZE = [i if i < 128 else 255 - i for i in range(256)]
 # allocated once, up front, instead of growing during the first steps.
 _GPU_DECODER = dict(hw_decoder_load=0.99, preallocate_width_hint=5980, preallocate_height_hint=6430,
                     device_memory_padding=211025920, host_memory_padding=140544512)
-# How each graph renders colour: 'numba' (CPU graph, the Numba operator in
-# the graph), 'dali' (CPU graph, DALI's colour operators: the fallback
-# without DALI's Numba plugin), 'cuda' (GPU graph: decode and resize only;
-# pipelines/colour.py's kernel renders every view after it).
-_MODES = ("numba", "dali", "cuda")
+# DaliLoader.mode, how each graph renders colour: 'numba' (CPU graph, the
+# Numba operator in the graph), 'dali' (CPU graph, DALI's colour operators:
+# the fallback without DALI's Numba plugin), 'cuda' (GPU graph: decode and
+# resize only; pipelines/colour.py's kernel renders every view after it).
 
 
 # ---------------------------------------------------------------- static layout

@@ -137,7 +137,8 @@ def render_plan(plan: BatchPlan, source) -> dict:
     replaced = [int(i) for i, img in zip(plan.index, images) if img is None]
     images = [decode(replacement_image(source.widths[i], source.heights[i])) if img is None else img
               for i, img in zip(plan.index, images)]
-    out = {"replaced": replaced, "crops": {name: torch.from_numpy(render_family(images, cp)) for name, cp in plan.crops.items()}}
+    out = {"replaced": replaced,
+           "crops": {name: torch.from_numpy(render_family(images, cp)) for name, cp in plan.crops.items()}}
     if plan.original is not None:
         out["original"] = torch.from_numpy(render_family(images, plan.original)[0])
     if plan.mosaic is not None:
