@@ -22,11 +22,8 @@ same command again to resume). See model/checkpoints.py.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,11 +38,13 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import yaml  # noqa: E402
 
-from model import checkpoints  # noqa: E402
-from configs import rules  # noqa: E402
+from configs import apply_small_profile, resolve_config, rules  # noqa: E402,F401 (tests and bench import them here)
+from model import checkpoints, evaluation  # noqa: E402
+from model.distributed import (LaunchError, init_distributed, is_main, log, parameter_digest,  # noqa: E402,F401
+                               stop_requested, summed_over_ranks)
+from model.optim import build_optimizer, cosine_schedule, schedule_steps  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-CONFIGS = ROOT / "configs"
 # Flags that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "linear_epochs", "pipeline", "workers", "knn_every", "log_every",
                      "ckpt_every", "keep_every", "tensorboard", "log_samples", "stop_after", "eval", "export", "compile",
@@ -60,159 +59,8 @@ class NonFiniteLoss(Exception):
     """A NaN or inf loss: one line, exit code 3, no checkpoint after it."""
 
 
-# ----------------------------------------------------------------------------- config
-def get_args_parser(method_defaults: dict | None = None) -> argparse.ArgumentParser:
-    from model.methods import METHODS
-    import pipelines
-    p = argparse.ArgumentParser(description="Self-supervised pre-training (viewforge)", add_help=True)
-    default_pipeline = "dali" if "dali" in pipelines.PIPELINES else "torchvision"
-    p.add_argument("--method", default="mocov2", choices=sorted(METHODS), help="pre-training method")
-    p.add_argument("--pipeline", default=default_pipeline, choices=sorted(pipelines.PIPELINES),
-                   help="view pipeline (backends appear when their package is installed)")
-    p.add_argument("--data", default=None, help="ImageFolder dir, file list .txt, 'fashion-mnist'; default: built-in sample")
-    p.add_argument("--run-dir", default=None, help="default: runs/<method>-<data>")
-    p.add_argument("--workers", type=int, default=2, help="pipeline worker threads/processes per rank")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "fp32"], help="autocast dtype (fp16 uses a GradScaler)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across ranks")
-    p.add_argument("--cpu-graph", action="store_true", help="DALI: run the graph on the CPU even with a GPU")
-    p.add_argument("--knn-every", type=int, default=1, help="kNN monitor every N epochs (0: never)")
-    p.add_argument("--knn-k", type=int, default=200)
-    p.add_argument("--knn-t", type=float, default=0.1)
-    p.add_argument("--log-every", type=int, default=10, help="steps between JSON log lines")
-    p.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps (0: at epoch ends)")
-    p.add_argument("--keep-every", type=int, default=0,
-                   help="also keep every N-th step's checkpoint as checkpoint-step<N>.pth (learning curves)")
-    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard in the run dir")
-    p.add_argument("--log-samples", action="store_true",
-                   help="every rank logs its dataset indices of every step to samples-rank<r>.jsonl")
-    p.add_argument("--max-steps", type=int, default=0, help="train N steps in all (schedules span them), even mid-epoch")
-    p.add_argument("--stop-after", type=int, default=0, help="stop (as if killed) after N steps of this process")
-    p.add_argument("--eval", choices=["linear"], default=None, help="evaluate the run's backbone instead of training")
-    p.add_argument("--linear-epochs", type=int, default=100)
-    p.add_argument("--export", default=None, metavar="PATH", help="write the run's backbone as a torchvision state_dict")
-    p.add_argument("--data-changed", choices=["refuse", "ok"], default="refuse",
-                   help="resuming over a dataset whose files changed since the checkpoint: refuse, or go on (ok)")
-    for key, value in (method_defaults or {}).items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            p.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
-        elif isinstance(value, (list, tuple)):
-            p.add_argument(flag, dest=key, type=type(value[0]) if value else float, nargs="+", default=argparse.SUPPRESS)
-        else:
-            p.add_argument(flag, dest=key, type=type(value) if value is not None else str, default=argparse.SUPPRESS)
-    return p
 
-
-def load_yaml(path: Path) -> dict:
-    with open(path) as f:
-        return yaml.safe_load(f) or {}
-
-
-def resolve_config(argv: list[str]) -> tuple[argparse.Namespace, dict]:
-    """Method yaml < configs/small.yaml (small images) < command line."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method", default="mocov2")
-    known, _ = pre.parse_known_args(argv)
-    path = CONFIGS / f"{known.method}.yaml"
-    method_defaults = load_yaml(path) if path.exists() else {}
-    args = get_args_parser(method_defaults).parse_args(argv)
-    explicit = {k: v for k, v in vars(args).items() if k in method_defaults}
-    cfg = dict(method_defaults)
-    cfg.update(vars(args))
-    return argparse.Namespace(**cfg), explicit
-
-
-def apply_small_profile(cfg: argparse.Namespace, explicit: dict, median_side: float) -> list[str]:
-    """Images of at most 64 px (the sample, Fashion-MNIST) get configs/small.yaml
-    for keys the method has and the command line did not set. A mapping
-    there replaces the method's value by its entry (arch: resnet50 ->
-    resnet18, rf_resnet50 -> rf_resnet18) and leaves other values alone."""
-    if median_side > 64:
-        return []
-    changed = []
-    for key, value in load_yaml(CONFIGS / "small.yaml").items():
-        if isinstance(value, dict):
-            value = value.get(getattr(cfg, key, None), getattr(cfg, key, None))
-        if hasattr(cfg, key) and key not in explicit and getattr(cfg, key) != value:
-            setattr(cfg, key, value)
-            changed.append(f"{key}={value}")
-    return changed
-
-
-# ----------------------------------------------------------------------------- distributed
-def init_distributed(device_arg: str | None):
-    """torchrun variables, then SLURM's, else a single process."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-        env.setdefault("MASTER_PORT", "29500")
-        if "MASTER_ADDR" not in env:
-            raise UserError("SLURM run without MASTER_ADDR: launch through cluster/slurm.sh or set it")
-    else:
-        rank, world, local = 0, 1, 0
-    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        # plain Slurm may give a task every GPU of its node, or only its own
-        device = torch.device("cuda", local % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    if world > 1:
-        # device_id binds NCCL's communicator to this GPU at once (no guess on the first collective)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=30),
-                                device_id=device if device.type == "cuda" else None)
-    return rank, world, device
-
-
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def log(*a):
-    if is_main():
-        print(*a, flush=True)
-
-
-# ----------------------------------------------------------------------------- schedules
-def cosine_schedule(base: float, total: int, warmup: int, final: float = 0.0) -> np.ndarray:
-    """Per-step values: linear warm-up from 0, then half a cosine to `final`."""
-    warm = np.linspace(0.0, base, warmup, endpoint=False) if warmup > 0 else np.array([])
-    steps = np.arange(total - len(warm))
-    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / max(1, len(steps))))
-    return np.concatenate([warm, cos])
-
-
-def schedule_steps(epochs: int, steps_per_epoch: int, warmup_epochs: float, max_steps: int | None) -> tuple:
-    """(total, warm-up) steps. A --max-steps budget shorter than the epochs
-    compresses the whole schedule into it, warm-up included (same fraction
-    of the run), so a short run is never all warm-up."""
-    total, warmup = epochs * steps_per_epoch, int(round(warmup_epochs * steps_per_epoch))
-    if max_steps and max_steps < total:
-        warmup = int(round(warmup * max_steps / total))
-        total = max_steps
-    return total, warmup
-
-
-# ----------------------------------------------------------------------------- checkpoints
-# Writing (temporary file, fsync, rename, checkpoint.prev.pth kept) and reading
-# (fall back to the previous good one) live in model/checkpoints.py.
-def keep_checkpoint(path: Path, step: int) -> Path:
-    """checkpoint-step<step>.pth beside `path`: a hard link to the checkpoint
-    just written (a copy where links are not possible); the next os.replace
-    of `path` leaves it untouched."""
-    kept = path.with_name(f"checkpoint-step{step}.pth")
-    if not kept.exists():
-        try:
-            os.link(path, kept)
-        except OSError:
-            shutil.copyfile(path, kept)
-    return kept
-
-
+# ----------------------------------------------------------------------------- run directory, data, commands
 def prepare_run_dir(cfg) -> Path:
     run_dir = Path(cfg.run_dir or ROOT / "runs" / f"{cfg.method}-{data_name(cfg.data)}")
     try:
@@ -231,93 +79,70 @@ def data_name(data: str | None) -> str:
     return Path(data.rstrip("/")).name.replace(".txt", "") or "data"
 
 
-# ----------------------------------------------------------------------------- monitor
-@torch.no_grad()
-def extract_features(backbone, source, cfg, device, rank, world):
-    """L2-normalised pooled features of every sample, gathered on all ranks, in dataset order."""
-    from pipelines.evaluation import eval_batches
-    backbone.eval()
-    feats, idxs = [], []
-    with torch.autocast(device.type, dtype=amp_dtype(cfg.amp), enabled=cfg.amp != "fp32"):
-        for x, idx in eval_batches(source, cfg.image_size, 256, device, cfg.workers, rank, world):
-            _, pooled = backbone(x.contiguous(memory_format=torch.channels_last))
-            feats.append(torch.nn.functional.normalize(pooled.float(), dim=1).cpu())
-            idxs.append(idx)
-    backbone.train()
-    feats, idxs = torch.cat(feats), torch.cat(idxs)
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, (feats, idxs))
-        feats = torch.cat([p[0] for p in parts])
-        idxs = torch.cat([p[1] for p in parts])
-    order = torch.argsort(idxs)
-    return feats[order], torch.as_tensor(source.labels)[idxs[order]]
+def open_data(cfg, rank: int, world: int):
+    """(train, test) sources; rank 0 builds the index and materialises data
+    first, the others then find it cached."""
+    from pipelines.data import DataError, open_source
+    if world > 1 and rank != 0:
+        dist.barrier()
+    try:
+        train_src = open_source(cfg.data, "train", progress=is_main())
+        test_src = open_source(cfg.data, "test", progress=is_main())
+    except DataError as e:
+        raise UserError(str(e))
+    if world > 1 and rank == 0:
+        dist.barrier()
+    return train_src, test_src
 
 
-def knn_monitor(backbone, train_src, test_src, cfg, device, rank, world) -> float:
-    from model.knn import knn_accuracy
-    bank, bank_labels = extract_features(backbone, train_src, cfg, device, rank, world)
-    feats, labels = extract_features(backbone, test_src, cfg, device, rank, world)
-    return knn_accuracy(feats, labels, bank, bank_labels, num_classes=len(train_src.classes),
-                        k=cfg.knn_k, temperature=cfg.knn_t)
+def evaluate_or_export(cfg, model, ckpt, run_dir: Path, train_src, test_src, device) -> int:
+    """--export and --eval linear on the run's checkpoint."""
+    if ckpt is None:
+        raise UserError(f"no checkpoint in {run_dir} to evaluate or export; train first")
+    model.load_state_dict(ckpt["model"])
+    if cfg.export:
+        from model.backbones import export_torchvision, torchvision_loadable
+        loadable = torchvision_loadable(model.backbone)
+        if loadable is not True:
+            raise UserError(f"--export writes torchvision state_dicts, and {cfg.arch} is not one: {loadable}")
+        torch.save(export_torchvision(model.backbone), cfg.export)
+        log(f"wrote {cfg.export}: load with torchvision.models.{cfg.arch}().load_state_dict(sd, strict=False)"
+            f" (only fc missing{'; conv1 is the small stem' if cfg.small_stem else ''})")
+    if cfg.eval == "linear":
+        if test_src is None or not train_src.has_labels:
+            raise UserError("linear evaluation needs a labelled train split and a test split")
+        acc = evaluation.linear_probe(model.backbone, train_src, test_src, cfg.image_size, device, cfg.amp,
+                                      cfg.workers, max_iter=cfg.linear_epochs)
+        log(f"linear probe top-1: {acc * 100:.2f}%")
+        with open(run_dir / "eval.json", "w") as f:
+            json.dump({"linear_top1": acc, "epoch": ckpt["epoch"]}, f)
+    return 0
 
 
-def parameter_digest(model: torch.nn.Module) -> float:
-    """A float64 fingerprint of all parameters (position-weighted, so swaps show)."""
-    total = 0.0
-    for i, p in enumerate(model.parameters()):
-        flat = p.detach().double().flatten()
-        total += float((flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64).remainder(7).add(1)).sum()) * (i + 1)
-    return total
+def check_resumable(cfg, config: dict, ckpt: dict, ckpt_path: Path, run_dir: Path, train_src) -> None:
+    """Refuse a checkpoint of other settings, or (unless --data-changed ok) of other data."""
+    diff = {k: (ckpt["config"].get(k), v) for k, v in config.items()
+            if k not in RESUMABLE_CHANGES and ckpt["config"].get(k) != v}
+    if diff:
+        raise UserError(f"{run_dir} holds a run with other settings "
+                        f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())}); use another --run-dir")
+    data_then = ckpt.get("data")
+    if data_then and data_then["fingerprint"] != train_src.fingerprint:
+        counts = (f"{data_then['images']:,} images then, {len(train_src):,} now"
+                  if data_then["images"] != len(train_src) else f"{len(train_src):,} images, some modified")
+        what = f"{cfg.data or 'the sample'} changed since {ckpt_path.name} was written ({counts})"
+        if cfg.data_changed != "ok":
+            raise UserError(f"{what}: the plan of every step depends on the dataset, so this run cannot resume "
+                            "exactly; pass --data-changed ok to resume anyway, or use another --run-dir")
+        log(f"warning: {what}; resuming anyway (--data-changed ok)")
 
 
-def stop_requested(stop: "checkpoints.StopSignals") -> bool:
-    """Whether a signal arrived here or, under DDP, on any rank (all ranks stop at the same step)."""
-    if not dist.is_initialized():
-        return stop.received is not None
-    flag = torch.tensor([stop.received is not None], dtype=torch.int32,
-                        device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-def summed_over_ranks(count: int, device) -> int:
-    if not dist.is_initialized():
-        return count
-    total = torch.tensor([count], dtype=torch.int64, device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(total)
-    return int(total.item())
-
-
-def amp_dtype(name: str):
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-# ----------------------------------------------------------------------------- commands
-def linear_probe(backbone, train_src, test_src, cfg, device) -> float:
-    """Logistic regression on frozen, unaugmented features (full batch, L-BFGS)."""
-    xtr, ytr = extract_features(backbone, train_src, cfg, device, 0, 1)
-    xte, yte = extract_features(backbone, test_src, cfg, device, 0, 1)
-    head = torch.nn.Linear(xtr.shape[1], len(train_src.classes))
-    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=cfg.linear_epochs, history_size=20,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(head(xtr), ytr) + 1e-4 * head.weight.square().sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return (head(xte).argmax(1) == yte).float().mean().item()
-
-
+# ----------------------------------------------------------------------------- the loop
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         return run(argv)
-    except (UserError, rules.ConfigError, checkpoints.CheckpointError) as e:
+    except (UserError, LaunchError, rules.ConfigError, checkpoints.CheckpointError) as e:
         close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -341,26 +166,17 @@ def close_progress_bars():
 def run(argv: list[str]) -> int:
     import pipelines
     from model.methods import METHODS
-    from pipelines.data import DataError, open_source
 
     cfg, explicit = resolve_config(argv)
     rules.check(cfg)
     rank, world, device = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
-
-    # Rank 0 builds the index and materialises data first; the others then find it cached.
-    if world > 1 and rank != 0:
-        dist.barrier()
-    try:
-        train_src = open_source(cfg.data, "train", progress=is_main())
-        test_src = open_source(cfg.data, "test", progress=is_main())
-    except DataError as e:
-        raise UserError(str(e))
-    if world > 1 and rank == 0:
-        dist.barrier()
-    changed = apply_small_profile(cfg, explicit, float(np.median(np.minimum(train_src.widths, train_src.heights))))
+    train_src, test_src = open_data(cfg, rank, world)
+    changed = apply_small_profile(cfg, explicit, float(np.median(np.minimum(train_src.widths, train_src.heights))),
+                                  device.type)
     if changed:
-        log(f"small images: configs/small.yaml sets {', '.join(changed)}")
+        log(f"small images: configs/small.yaml{' and small_cpu.yaml' if device.type == 'cpu' else ''} set "
+            f"{', '.join(changed)}")
         rules.check(cfg)
     run_dir = prepare_run_dir(cfg)
     ckpt, ckpt_path = checkpoints.load(run_dir, cfg.method, "cpu",
@@ -369,22 +185,7 @@ def run(argv: list[str]) -> int:
     method = METHODS[cfg.method]
     model = method(cfg).to(device, memory_format=torch.channels_last)
     if cfg.eval or cfg.export:
-        if ckpt is None:
-            raise UserError(f"no checkpoint in {run_dir} to evaluate or export; train first")
-        model.load_state_dict(ckpt["model"])
-        if cfg.export:
-            from model.backbones import export_torchvision
-            torch.save(export_torchvision(model.backbone), cfg.export)
-            log(f"wrote {cfg.export}: load with torchvision.models.{cfg.arch}().load_state_dict(sd, strict=False)"
-                f" (only fc missing{'; conv1 is the small stem' if cfg.small_stem else ''})")
-        if cfg.eval == "linear":
-            if test_src is None or not train_src.has_labels:
-                raise UserError("linear evaluation needs a labelled train split and a test split")
-            acc = linear_probe(model.backbone, train_src, test_src, cfg, device)
-            log(f"linear probe top-1: {acc * 100:.2f}%")
-            with open(run_dir / "eval.json", "w") as f:
-                json.dump({"linear_top1": acc, "epoch": ckpt["epoch"]}, f)
-        return 0
+        return evaluate_or_export(cfg, model, ckpt, run_dir, train_src, test_src, device)
 
     if cfg.batch_size % world:
         raise UserError(f"batch size {cfg.batch_size} is not divisible by the {world} processes")
@@ -398,7 +199,6 @@ def run(argv: list[str]) -> int:
     if cfg.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     raw_model = model
-    from model.optim import build_optimizer
     lr = cfg.lr * cfg.batch_size / 256  # linear scaling rule (Goyal et al. 2017)
     optimizer = build_optimizer(cfg, raw_model, lr)
     steps_per_epoch = len(loader)
@@ -406,24 +206,10 @@ def run(argv: list[str]) -> int:
     lr_schedule = cosine_schedule(lr, total_steps, warmup_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
 
-    config = {k: v for k, v in vars(cfg).items()}
+    config = dict(vars(cfg))
     global_step = 0
     if ckpt is not None:
-        diff = {k: (ckpt["config"].get(k), v) for k, v in config.items()
-                if k not in RESUMABLE_CHANGES and ckpt["config"].get(k) != v}
-        if diff:
-            raise UserError(f"{run_dir} holds a run with other settings "
-                            f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())}); "
-                            "use another --run-dir")
-        data_then = ckpt.get("data")
-        if data_then and data_then["fingerprint"] != train_src.fingerprint:
-            counts = (f"{data_then['images']:,} images then, {len(train_src):,} now"
-                      if data_then["images"] != len(train_src) else f"{len(train_src):,} images, some modified")
-            what = f"{cfg.data or 'the sample'} changed since {ckpt_path.name} was written ({counts})"
-            if cfg.data_changed != "ok":
-                raise UserError(f"{what}: the plan of every step depends on the dataset, so this run cannot resume "
-                                "exactly; pass --data-changed ok to resume anyway, or use another --run-dir")
-            log(f"warning: {what}; resuming anyway (--data-changed ok)")
+        check_resumable(cfg, config, ckpt, ckpt_path, run_dir, train_src)
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -437,12 +223,6 @@ def run(argv: list[str]) -> int:
         with open(run_dir / "config.yaml", "w") as f:
             yaml.safe_dump(config, f, sort_keys=True)
 
-    if world > 1:
-        ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
-        model = torch.nn.parallel.DistributedDataParallel(model, **ddp_kw)
-    if cfg.compile:
-        model = torch.compile(model)
-
     writer = None
     if cfg.tensorboard and is_main():
         from torch.utils.tensorboard import SummaryWriter
@@ -452,6 +232,33 @@ def run(argv: list[str]) -> int:
             show.add_views_to_tensorboard(writer, cfg, method.spec(cfg), train_src, device)
     log_file = open(run_dir / "log.jsonl", "a") if is_main() else None
     samples_file = open(run_dir / f"samples-rank{rank}.jsonl", "a") if cfg.log_samples else None
+
+    def write_log(record):
+        if log_file:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+        if writer:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    writer.add_scalar(k, v, record["step"])
+
+    # The random-init anchor (model/evaluation.py): measured once, before the
+    # first step, on the network as initialised; a resumed run reads it back.
+    monitoring = cfg.knn_every and test_src is not None and train_src.has_labels
+    knn = dict(image_size=cfg.image_size, device=device, amp=cfg.amp, workers=cfg.workers, k=cfg.knn_k,
+               temperature=cfg.knn_t, rank=rank, world=world)
+    anchor = evaluation.anchor_from_log(run_dir / "log.jsonl") if monitoring else None
+    if monitoring and anchor is None:
+        anchor = evaluation.random_init_anchor(raw_model.backbone, train_src, test_src, **knn)
+        log(f"random init: kNN top-1 {anchor * 100:.2f}% (the untrained backbone, BN statistics estimated on "
+            f"the train split: the anchor every later kNN line is measured against)")
+        write_log({"step": global_step, "epoch": loader.epoch, "knn_random": anchor})
+
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, **({"device_ids": [device.index]}
+                                                                     if device.type == "cuda" else {}))
+    if cfg.compile:
+        model = torch.compile(model)
 
     # A NaN or inf loss is noted on the device (no sync per step) and looked at
     # before every log line and checkpoint, so no checkpoint follows a bad step.
@@ -479,32 +286,17 @@ def run(argv: list[str]) -> int:
                                        "step": global_step, "epoch": loader.epoch, "config": config,
                                        "data": {"fingerprint": train_src.fingerprint, "images": len(train_src)}})
             if cfg.keep_every and global_step % cfg.keep_every == 0:
-                keep_checkpoint(run_dir / checkpoints.CURRENT, global_step)
+                checkpoints.keep_checkpoint(run_dir / checkpoints.CURRENT, global_step)
         if world > 1:
             dist.barrier()
-
-    def write_log(record):
-        if log_file:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-        if writer:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    writer.add_scalar(k, v, record["step"])
 
     log(f"{cfg.method} on {cfg.pipeline} ({device}, {world} process{'es' if world > 1 else ''}): "
         f"{len(train_src)} images, {steps_per_epoch} steps/epoch, {cfg.epochs} epochs, batch {cfg.batch_size}, "
         f"lr {lr:g}, {cfg.arch}{' small stem' if cfg.small_stem else ''}, {cfg.image_size} px, amp {cfg.amp}")
     from tqdm import tqdm
-    autocast = torch.autocast(device.type, dtype=amp_dtype(cfg.amp), enabled=cfg.amp != "fp32")
+    autocast = evaluation.autocast(device, cfg.amp)
     steps_this_process = 0
     model.train()
-    def monitor(epoch):
-        if cfg.knn_every and test_src is not None and train_src.has_labels:
-            acc = knn_monitor(raw_model.backbone, train_src, test_src, cfg, device, rank, world)
-            log(f"epoch {epoch}: kNN top-1 {acc * 100:.2f}% (k={cfg.knn_k}, T={cfg.knn_t})")
-            write_log({"step": global_step, "epoch": epoch, "knn_top1": acc})
-
     stop = checkpoints.StopSignals().__enter__()  # SIGTERM / SIGINT: finish the step, checkpoint, exit 75 (main restores)
     while global_step < total_steps:
         epoch = loader.epoch
@@ -573,8 +365,11 @@ def run(argv: list[str]) -> int:
         finished = global_step >= total_steps
         log(f"epoch {epoch} {'stopped at the step budget' if finished and loader.step else 'done'}: "
             f"loss {loss.item():.4f}")
-        if finished or (cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
-            monitor(epoch)
+        if monitoring and (finished or (epoch + 1) % cfg.knn_every == 0):
+            acc = evaluation.knn_top1(raw_model.backbone, train_src, test_src, **knn)
+            log(evaluation.knn_line(epoch, acc, anchor, cfg.knn_k, cfg.knn_t))
+            write_log({"step": global_step, "epoch": epoch, "knn_top1": acc, "knn_random": anchor,
+                       "knn_gain": acc - anchor})
         if is_main():  # run_dir/curves.png redrawn from log.jsonl
             from bench import show
             show.write_curves(run_dir)

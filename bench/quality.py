@@ -1,51 +1,43 @@
-"""Measured learning: pre-train each method for a fixed budget, then kNN top-1.
+"""Measured learning: pre-train each method for a fixed budget, then kNN top-1
+against the same backbone at random init.
 
-    python bench/quality.py --budget short                       # every method, 2-core CPU, under an hour
-    python bench/quality.py --budget full                        # a GPU: 100 epochs each
-    python bench/quality.py --methods mocov2,byol --steps 20     # a shorter budget of your own
-    python bench/quality.py --methods byol --curve-every 25      # and kNN every 25 steps on the way
+    python bench/quality.py --budget cpu                         # all nine methods, 2 CPU cores, under 2 hours
+    python bench/quality.py --budget full                        # a GPU: 100 epochs each, the whole dataset
+    python bench/quality.py --methods mocov2,byol --steps 200    # a shorter budget of your own
 
 Each method is pre-trained by running train.py in a subprocess, so the
 numbers come from exactly the command a user types (it is printed and
 stored), on Fashion-MNIST (--data fashion-mnist: Debian's
-dataset-fashion-mnist, 60,000 train / 10,000 test; configs/small.yaml
-applies: ResNet-18 with the small stem, 32 px views, batch 256):
+dataset-fashion-mnist, 60,000 train / 10,000 test). configs/small.yaml
+applies to its 28 px images (32 px views, small stem, batch 256), and on the
+CPU configs/small_cpu.yaml after it (ResNet-18 at a quarter width, each
+family's published CIFAR recipe, cited there).
 
-  short   --max-steps 100 --batch-size 128 --lr 0.3 --warmup-epochs 0, bf16:
-          100 optimizer steps of 128 images (12,800 images, 0.21 epoch),
-          the cosine schedule spanning them, sized so that nine methods fit
-          in about an hour on 2 quiet CPU cores (4-6 minutes of training
-          and well under a minute of kNN each). lr 0.3 (x 128/256) is ten
-          times the MoCo family's 0.03 and about the LARS methods' own: at
-          the papers' 0.03, 100 MoCo v2 steps stay below the random-init
-          anchor (50.0% against 54.4%, 2,000/2,000 kNN); at 0.3 they pass
-          it (56.6%). kNN bank: a fixed random 5,000 of the train images;
-          queries: a fixed random 5,000 of the test images. This budget
-          checks that every method runs end to end; it does not show that
-          they learn (on 2 CPU cores only SimCLR clears its random-init
-          anchor within it: the README's learning curves), so compare
-          methods on the full budget.
-  full    --epochs 100 (the method's warm-up), bank: all 60,000 train
-          images, queries: all 10,000 test images.
+  cpu     --max-steps 500 --batch-size 256 --warmup-epochs 0 on the CPU
+          (2.1 epochs per method), kNN after every 100 steps (the learning
+          curve); kNN bank: a fixed random 5,000 of the train images,
+          queries: a fixed random 5,000 of the test images.
+  full    --epochs 100 on the device (a GPU: small.yaml's ResNet-18, the
+          papers' recipes), kNN on the whole splits (60,000 / 10,000).
 
-Then the pooled features of the trained backbone (unaugmented 32 px images,
-as train.py's monitor) are classified by the weighted kNN of model/knn.py
-(cosine similarity, k=200, votes exp(sim/T), T=0.1) against two anchors
-measured with the same kNN, bank and queries:
+Then the pooled features of the trained backbone (unaugmented 32 px images)
+are classified by the weighted kNN of model/evaluation.py (cosine similarity,
+k=200, votes exp(sim/T), T=0.1) against two anchors measured with the same
+kNN, bank and queries:
 
   random init   the same method's backbone, freshly initialised (seed 0), its
                 weights untrained but its BatchNorm statistics estimated on
-                the bank's train images: a fresh network's eval-mode BN is
-                the identity (mean 0, variance 1), which is not the network a
-                trained run evaluates, so only the weights differ. The
+                the bank's train images (model/evaluation.py
+                random_init_anchor, as train.py's first kNN line). The
                 untouched fresh network is reported beside it ("BN as
                 initialised") and in the JSON.
   raw pixels    the normalised 32 px image itself as the feature vector
 
 Results: a markdown table and JSON under bench/results/<device>/
-(quality-<budget>.md/.json) with device, versions, date and the commands.
-A method that is not registered is skipped; one whose training fails
-is reported with the tail of its output, and the rest go on.
+(quality-<budget>.md/.json) with device, versions, date, the commands, the
+gain over the anchor and the curve. A method that is not registered is
+skipped; one whose training fails is reported with the tail of its output,
+and the rest go on.
 """
 from __future__ import annotations
 
@@ -70,12 +62,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.throughput import cpu_count, environment, short_error, split  # noqa: E402
+from model import evaluation  # noqa: E402
 
-# What each budget passes to train.py, and how much of each split the kNN reads.
+# What each budget passes to train.py, how much of each split the kNN reads
+# (0: all of it), and every how many steps the curve gets a point.
 BUDGETS = {
-    "short": {"train": {"max_steps": 100, "epochs": 1, "batch_size": 128, "warmup_epochs": 0, "lr": 0.3},
-              "bank": 5000, "queries": 5000},
-    "full": {"train": {"epochs": 100, "batch_size": 256}, "bank": 0, "queries": 0},  # 0: the whole split
+    "cpu": {"train": {"max_steps": 500, "batch_size": 256, "warmup_epochs": 0}, "device": "cpu",
+            "bank": 5000, "queries": 5000, "curve_every": 100},
+    "full": {"train": {"epochs": 100, "batch_size": 256}, "bank": 0, "queries": 0, "curve_every": 0},
 }
 KNN_K, KNN_T = 200, 0.1
 SUBSET_SEED = 0
@@ -85,7 +79,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="viewforge learning quality: fixed-budget pre-training, kNN top-1",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="all", help="comma list, or 'all' registered")
-    p.add_argument("--budget", default="short", choices=sorted(BUDGETS))
+    p.add_argument("--budget", default="cpu", choices=sorted(BUDGETS))
     p.add_argument("--data", default="fashion-mnist", help="a labelled source with a test split (train.py --data)")
     p.add_argument("--pipeline", default=None, help="train.py --pipeline (default: train.py's own)")
     p.add_argument("--steps", type=int, default=None, help="override the budget's --max-steps")
@@ -99,8 +93,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--curve-every", type=int, default=0,
-                   help="also kNN the checkpoint of every N-th step: a learning curve per method (0: final only)")
+    p.add_argument("--curve-every", type=int, default=None,
+                   help="also kNN the checkpoint of every N-th step: a learning curve per method "
+                        "(0: final only; default: the budget's)")
     p.add_argument("--train-args", default="", help="extra train.py flags for every method, one quoted string")
     p.add_argument("--runs", default=None, help="run directories go here, kept (default: a temporary folder)")
     p.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
@@ -115,57 +110,6 @@ def subset(source, count: int, seed: int = SUBSET_SEED):
     keep = np.sort(np.random.default_rng(seed).choice(len(source), count, replace=False))
     return dataclasses.replace(source, paths=[source.paths[k] for k in keep], labels=source.labels[keep],
                                widths=source.widths[keep], heights=source.heights[keep])
-
-
-@torch.no_grad()
-def pixel_features(source, image_size: int, device, workers: int):
-    """The eval images themselves (normalised, image_size px) as vectors, and their labels."""
-    from pipelines.evaluation import eval_batches
-    feats, idxs = [], []
-    for x, idx in eval_batches(source, image_size, 256, device, workers):
-        feats.append(x.flatten(1).float().cpu())
-        idxs.append(idx)
-    feats, idxs = torch.cat(feats), torch.cat(idxs)
-    order = torch.argsort(idxs)
-    return feats[order], torch.as_tensor(source.labels)[idxs[order]]
-
-
-def backbone_features(backbone, source, image_size: int, device, workers: int, amp: str):
-    """train.py's monitor features: pooled, L2-normalised, unaugmented images."""
-    import train
-    cfg = argparse.Namespace(image_size=image_size, amp=amp, workers=workers)
-    return train.extract_features(backbone.to(device, memory_format=torch.channels_last), source, cfg,
-                                  torch.device(device), 0, 1)
-
-
-@torch.no_grad()
-def calibrate_batchnorm(backbone, source, image_size: int, device, workers: int, amp: str):
-    """Every BatchNorm's running mean and variance := the exact average over
-    `source`'s unaugmented images (momentum None), weights untouched."""
-    from pipelines.evaluation import eval_batches
-    import train
-    bns = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over all batches
-    backbone.to(device, memory_format=torch.channels_last).train()
-    with torch.autocast(torch.device(device).type, dtype=train.amp_dtype(amp), enabled=amp != "fp32"):
-        for x, _ in eval_batches(source, image_size, 256, device, workers):
-            backbone(x.contiguous(memory_format=torch.channels_last))
-    backbone.eval()
-    return backbone
-
-
-def knn_top1(features, labels, bank, bank_labels, num_classes: int, k: int, t: float) -> float:
-    from model.knn import knn_accuracy
-    return knn_accuracy(features, labels, bank, bank_labels, num_classes=num_classes, k=k, temperature=t)
-
-
-def evaluate(extract, bank_src, query_src, num_classes, k, t) -> float:
-    """kNN top-1 of the features `extract(source)` gives, queries against the bank."""
-    bank, bank_labels = extract(bank_src)
-    feats, labels = extract(query_src)
-    return knn_top1(feats, labels, bank, bank_labels, num_classes, k, t)
 
 
 # ----------------------------------------------------------------------------- training runs
@@ -330,15 +274,19 @@ def markdown(result: dict) -> str:
              f"statistics estimated on the bank images (BN as initialised: eval-mode BN left the identity), "
              f"raw pixels = the normalised {s['image_size']} px image as the vector; same kNN, bank and queries",
              *_training_line(result["rows"]),
-             "- wall time: train.py's process (start to exit); kNN evaluation not included", "",
-             "| method | budget | kNN top-1 | random-init kNN | random init, BN as initialised | raw-pixel kNN "
-             "| wall time | device |",
-             "|---|---|---|---|---|---|---|---|"]
+             "- wall time: train.py's process (start to exit); the kNN evaluations after it are timed apart",
+             f"- whole run: {fmt_time(result.get('total_seconds'))}", "",
+             "| method | budget | kNN top-1 | random-init kNN | gain | random init, BN as initialised | raw-pixel kNN "
+             "| train wall time | eval time | device |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        gain = (f"{100 * (r['knn_top1'] - r['random_init_knn']):+.1f}"
+                if r.get("knn_top1") is not None and r.get("random_init_knn") is not None else "-")
         lines.append(f"| {r['method']} | {budget_text(r)} | {fmt_pct(r.get('knn_top1'))} | "
-                     f"{fmt_pct(r.get('random_init_knn'))} | {fmt_pct(r.get('random_init_bn_as_initialised_knn'))} | "
-                     f"{fmt_pct(r.get('raw_pixel_knn'))} | "
-                     f"{fmt_time(r.get('train_seconds'))} | {r.get('device') or env['device']} |")
+                     f"{fmt_pct(r.get('random_init_knn'))} | {gain} | "
+                     f"{fmt_pct(r.get('random_init_bn_as_initialised_knn'))} | {fmt_pct(r.get('raw_pixel_knn'))} | "
+                     f"{fmt_time(r.get('train_seconds'))} | {fmt_time(r.get('eval_seconds'))} | "
+                     f"{r.get('device') or env['device']} |")
     curves = [r for r in result["rows"] if r.get("curve")]
     if curves:
         lines += ["", "kNN top-1 along the way (step: top-1; the last is the table's):", ""]
@@ -355,6 +303,8 @@ def main(argv: list | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     args.workers = args.workers if args.workers is not None else cpu_count()
     budget = BUDGETS[args.budget]
+    args.device = args.device or budget.get("device")
+    args.curve_every = budget["curve_every"] if args.curve_every is None else args.curve_every
     bank_n = budget["bank"] if args.bank is None else args.bank
     query_n = budget["queries"] if args.queries is None else args.queries
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -369,7 +319,6 @@ def main(argv: list | None = None) -> int:
         return 2
     args.train_size = len(train_src)
     bank_src, query_src = subset(train_src, bank_n), subset(test_src, query_n, SUBSET_SEED + 1)
-    num_classes = len(train_src.classes)
 
     try:
         from model.methods import METHODS
@@ -412,8 +361,8 @@ def main(argv: list | None = None) -> int:
                            pipeline=config.get("pipeline"), trained_steps=ckpt["step"])
 
                 def score(net):  # kNN top-1 of a backbone's features, queries against the bank
-                    return evaluate(lambda src: backbone_features(net, src, size, device, args.workers, args.amp),
-                                    bank_src, query_src, num_classes, args.knn_k, args.knn_t)
+                    return evaluation.knn_top1(net.to(device, memory_format=torch.channels_last), bank_src,
+                                               query_src, size, device, args.amp, args.workers, args.knn_k, args.knn_t)
                 row["knn_top1"] = score(backbone)
                 if args.curve_every:
                     row["curve"] = learning_curve(run_dir, ckpt["step"], row["knn_top1"], score)
@@ -424,13 +373,15 @@ def main(argv: list | None = None) -> int:
                     fresh, _, _ = load_backbone(run_dir / "checkpoint.pth", fresh=True, seed=args.seed)
                     print(f"[{name}] random-init anchor ({arch[0]}{' small stem' if arch[1] else ''}, {size} px)",
                           flush=True)
-                    as_initialised = score(fresh)
-                    calibrate_batchnorm(fresh, bank_src, size, device, args.workers, args.amp)
-                    anchors[key] = (score(fresh), as_initialised)
+                    anchors[key] = (evaluation.random_init_anchor(fresh.to(device, memory_format=torch.channels_last),
+                                                                  bank_src, query_src, size, device, args.amp,
+                                                                  args.workers, args.knn_k, args.knn_t),
+                                    score(fresh))
                 row["random_init_knn"], row["random_init_bn_as_initialised_knn"] = anchors[key]
                 if size not in pixel_cache:
-                    pixel_cache[size] = evaluate(lambda src: pixel_features(src, size, device, args.workers),
-                                                 bank_src, query_src, num_classes, args.knn_k, args.knn_t)
+                    pixel_cache[size] = evaluation.knn_of_features(
+                        lambda src: evaluation.pixel_features(src, size, device, args.workers),
+                        bank_src, query_src, args.knn_k, args.knn_t)
                 row["raw_pixel_knn"] = pixel_cache[size]
                 row["status"] = "ok"
                 print(f"[{name}] kNN top-1 {fmt_pct(row['knn_top1'])} (random init {fmt_pct(row['random_init_knn'])}, "

@@ -385,7 +385,7 @@ class Trainer:
     autocast forward, zero_grad, (scaled) backward, optimizer step, step_end."""
 
     def __init__(self, method_cls, cfg, device: torch.device, nominal_steps: int):
-        import train
+        from model import evaluation
         from model.optim import build_optimizer
         torch.manual_seed(cfg.seed)
         self.model = method_cls(cfg).to(device, memory_format=torch.channels_last)
@@ -393,7 +393,7 @@ class Trainer:
         lr = getattr(cfg, "lr", 0.03) * cfg.batch_size / 256
         self.optimizer = build_optimizer(cfg, self.model, lr)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-        self.autocast = torch.autocast(device.type, dtype=train.amp_dtype(cfg.amp), enabled=cfg.amp != "fp32")
+        self.autocast = evaluation.autocast(device, cfg.amp)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.done, self.nominal_steps = 0, max(1, nominal_steps)
 

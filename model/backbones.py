@@ -34,12 +34,15 @@ class ResNetBackbone(Backbone):
     small_stem: CIFAR-style stem for 32-64 px inputs (conv1 3x3 stride 1,
     no max-pool), as in the SimCLR/MoCo CIFAR recipes; the output stride
     falls from 32 to 8.
+    width: channels of conv1 and layer1 (torchvision: 64); every layer
+    scales with it. Another width is not a torchvision architecture.
     """
 
-    def __init__(self, arch: str, small_stem: bool = False, zero_init_residual: bool = False):
+    def __init__(self, arch: str, small_stem: bool = False, zero_init_residual: bool = False, width: int = 64):
         super().__init__()
-        net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
-        self.arch, self.small_stem = arch, small_stem
+        net = (getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual) if width == 64
+               else scaled_resnet(arch, width, zero_init_residual))
+        self.arch, self.small_stem, self.width = arch, small_stem, width
         self.out_dim = net.fc.in_features  # 512 (resnet18/34), 2048 (resnet50+)
         self.stride = 8 if small_stem else 32
         if small_stem:
@@ -57,9 +60,38 @@ class ResNetBackbone(Backbone):
         return fmap, fmap.mean(dim=(2, 3))                               # B x C
 
 
+def scaled_resnet(arch: str, width: int, zero_init_residual: bool) -> torchvision.models.ResNet:
+    """torchvision's ResNet `arch` with every layer's channels scaled by
+    width / 64 (layer k: width * 2^k planes), initialised as torchvision does."""
+    net = getattr(torchvision.models, arch)(weights=None)
+    block = type(net.layer1[0])
+    net.inplanes = width
+    net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(width)
+    for k, name in enumerate(("layer1", "layer2", "layer3", "layer4")):
+        setattr(net, name, net._make_layer(block, width * 2 ** k, len(getattr(net, name)), stride=1 if k == 0 else 2))
+    net.fc = nn.Linear(width * 8 * block.expansion, 1000)
+    for m in net.modules():  # torchvision.models.resnet.ResNet.__init__'s initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    if zero_init_residual:  # the last BN of every residual branch starts at 0 (Goyal et al. 2017)
+        for m in net.modules():
+            last_bn = getattr(m, "bn3", None) if hasattr(m, "bn3") else getattr(m, "bn2", None)
+            if isinstance(m, block) and last_bn is not None:
+                nn.init.zeros_(last_bn.weight)
+    return net
+
+
 BACKBONES = {
     "resnet18": functools.partial(ResNetBackbone, "resnet18"),
     "resnet50": functools.partial(ResNetBackbone, "resnet50"),
+    # ResNet-18 at half and a quarter of its width (32 and 16 base channels; about 1/4 and 1/16 of
+    # the FLOPs): small budgets on CPUs (bench/quality.py --budget cpu)
+    "resnet18_half": functools.partial(ResNetBackbone, "resnet18", width=32),
+    "resnet18_quarter": functools.partial(ResNetBackbone, "resnet18", width=16),
 }
 
 
@@ -86,6 +118,17 @@ def export_torchvision(backbone: nn.Module) -> dict:
             k = k.split(".", 1)[1]
         out[k] = v.detach().cpu().contiguous()
     return out
+
+
+
+def torchvision_loadable(backbone: nn.Module):
+    """True when `export_torchvision(backbone)` loads into torchvision's model
+    of the same name, else the reason it does not (one phrase)."""
+    if type(backbone) is ResNetBackbone and backbone.width == 64:
+        return True
+    if type(backbone) is ResNetBackbone:
+        return f"its width is {backbone.width} channels (torchvision's {backbone.arch} has 64)"
+    return f"{type(backbone).__name__} is not a torchvision architecture"
 
 
 # ----------------------------------------------------------------------------- CO-SSL's RF-ResNet

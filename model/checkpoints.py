@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -182,3 +183,16 @@ class StopSignals:
         if self in StopSignals.active:
             StopSignals.active.remove(self)
         return False
+
+
+def keep_checkpoint(path: Path, step: int) -> Path:
+    """checkpoint-step<step>.pth beside `path`: a hard link to the checkpoint
+    just written (a copy where links are not possible); the next os.replace
+    of `path` leaves it untouched."""
+    kept = path.with_name(f"checkpoint-step{step}.pth")
+    if not kept.exists():
+        try:
+            os.link(path, kept)
+        except OSError:
+            shutil.copyfile(path, kept)
+    return kept

@@ -1,11 +1,13 @@
 """Optimizers: SGD (MoCo) and LARS (BYOL, SimCLR).
 
     optimizer = build_optimizer(cfg, model, lr)   # cfg.optimizer in {sgd, lars}, cfg.weight_decay
+    lr_per_step = cosine_schedule(lr, total, warmup)
 
 Parameters that do not require grad (momentum encoders) are left out.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -81,3 +83,23 @@ def build_optimizer(cfg, model: torch.nn.Module, lr: float) -> torch.optim.Optim
         return LARS([g for g in groups if g["params"]], lr=lr, weight_decay=cfg.weight_decay, momentum=momentum,
                     trust_coefficient=getattr(cfg, "trust_coefficient", 0.001))
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or lars")
+
+
+# ----------------------------------------------------------------------------- schedules
+def cosine_schedule(base: float, total: int, warmup: int, final: float = 0.0) -> np.ndarray:
+    """Per-step values: linear warm-up from 0, then half a cosine to `final`."""
+    warm = np.linspace(0.0, base, warmup, endpoint=False) if warmup > 0 else np.array([])
+    steps = np.arange(total - len(warm))
+    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / max(1, len(steps))))
+    return np.concatenate([warm, cos])
+
+
+def schedule_steps(epochs: int, steps_per_epoch: int, warmup_epochs: float, max_steps: int | None) -> tuple:
+    """(total, warm-up) steps. A --max-steps budget shorter than the epochs
+    compresses the whole schedule into it, warm-up included (same fraction
+    of the run), so a short run is never all warm-up."""
+    total, warmup = epochs * steps_per_epoch, int(round(warmup_epochs * steps_per_epoch))
+    if max_steps and max_steps < total:
+        warmup = int(round(warmup * max_steps / total))
+        total = max_steps
+    return total, warmup

@@ -47,6 +47,27 @@ def test_one_epoch_prints_knn(labelled_folder, tmp_path, method):
     assert ckpt["config"]["method"] == method
 
 
+def test_anchor_is_logged_once_and_survives_a_resume(labelled_folder, tmp_path):
+    """The random-init anchor is measured before the first step (its record
+    precedes every loss), printed once, read back on resume, and every kNN
+    line and record carries it with the gain."""
+    run = tmp_path / "run"
+    args = ("--method", "simclr", "--pipeline", "torchvision", "--data", str(labelled_folder), "--run-dir", str(run),
+            "--epochs", "2", "--knn-k", "10", *TINY)
+    first = train(*args, "--stop-after", "8")  # into epoch 1 (6 steps an epoch): epoch 0's kNN is logged
+    second = train(*args)
+    assert first.stdout.count("random init: kNN top-1") == 1 and "random init: kNN" not in second.stdout
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    anchors = [r for r in records if "knn_random" in r and "knn_top1" not in r]
+    assert len(anchors) == 1 and records.index(anchors[0]) < min(i for i, r in enumerate(records) if "loss" in r)
+    anchor = anchors[0]["knn_random"]
+    knn = [r for r in records if "knn_top1" in r]
+    assert [r["epoch"] for r in knn] == [0, 1]
+    assert all(r["knn_random"] == anchor and r["knn_gain"] == pytest.approx(r["knn_top1"] - anchor) for r in knn)
+    line = next(l for l in second.stdout.splitlines() if l.startswith("epoch 1: kNN top-1"))
+    assert f"(random init {anchor * 100:.2f}%, {(knn[1]['knn_top1'] - anchor) * 100:+.2f}; k=10" in line
+
+
 def test_keep_every_keeps_each_nth_checkpoint(labelled_folder, tmp_path):
     run = tmp_path / "run"
     train("--method", "simclr", "--pipeline", "torchvision", "--data", str(labelled_folder), "--run-dir", str(run),
@@ -205,6 +226,29 @@ def test_small_profile_keeps_the_backbone_family(argv, arch):
     assert cfg.arch == arch and cfg.small_stem and cfg.image_size == 32
     big, explicit = train_module.resolve_config(argv)
     assert train_module.apply_small_profile(big, explicit, median_side=375) == []
+
+
+@pytest.mark.parametrize("method, family", [("mocov2", "moco"), ("mosrep", "moco"), ("byol", "byol"),
+                                            ("scrl", "byol"), ("simclr", "simclr")])
+def test_cpu_profile_gives_every_family_its_recipe(method, family):
+    """On the CPU, small images also get configs/small_cpu.yaml: the narrow
+    ResNet-18 and the family's recipe (the same values for every method of
+    the family); a GPU does not, and the command line still wins."""
+    import yaml
+    import train as train_module
+    recipe = yaml.safe_load((ROOT / "configs" / "small_cpu.yaml").read_text())
+    assert method in recipe["families"][family]
+    cfg, explicit = train_module.resolve_config(["--method", method])
+    changed = train_module.apply_small_profile(cfg, explicit, median_side=28, device_type="cpu")
+    assert cfg.arch == "resnet18_quarter" and cfg.epochs == recipe["all"]["epochs"] and f"arch=resnet18_quarter" in changed
+    assert all(getattr(cfg, key) == value for key, value in recipe[family].items() if hasattr(cfg, key))
+    train_module.rules.check(cfg)  # every value the profile sets is within its rule
+    gpu, explicit = train_module.resolve_config(["--method", method])
+    train_module.apply_small_profile(gpu, explicit, median_side=28, device_type="cuda")
+    assert gpu.arch == "resnet18" and gpu.lr != recipe[family]["lr"]
+    mine, explicit = train_module.resolve_config(["--method", method, "--lr", "0.123", "--arch", "resnet18"])
+    train_module.apply_small_profile(mine, explicit, median_side=28, device_type="cpu")
+    assert mine.lr == 0.123 and mine.arch == "resnet18"
 
 
 def test_a_step_budget_compresses_the_warm_up():

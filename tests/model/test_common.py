@@ -1,4 +1,4 @@
-"""Shared pieces against hand-written references: losses, EMA, queue, LARS, kNN,
+"""Shared pieces against hand-written references: losses, EMA, queue, LARS,
 and the distributed gathers in a real two-process gloo group."""
 import math
 import types
@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from model.common import (Queue, ShuffleBN, batch_shuffle, batch_unshuffle, byol_loss, concat_all_gather,
                           copy_as_target, cosine_momentum, ema_update, info_nce, nt_xent, roi_features)
-from model.knn import knn_accuracy, knn_predict
 from model.optim import LARS, build_optimizer
 
 
@@ -227,34 +226,6 @@ def test_build_optimizer_groups():
     assert isinstance(sgd, torch.optim.SGD) and len(sgd.param_groups[0]["params"]) == 6
     with pytest.raises(ValueError):
         build_optimizer(types.SimpleNamespace(optimizer="adamw", weight_decay=0.0), model, 0.1)
-
-
-# ----------------------------------------------------------------------------- kNN
-def _knn_reference(features, bank, bank_labels, num_classes, k, t):
-    features, bank = F.normalize(features, dim=1), F.normalize(bank, dim=1)
-    out = []
-    for f in features:
-        sims = sorted(((float(f @ b), int(y)) for b, y in zip(bank, bank_labels)), key=lambda s: -s[0])[:k]
-        score = [0.0] * num_classes
-        for s, y in sims:
-            score[y] += math.exp(s / t)
-        out.append(max(range(num_classes), key=lambda c: (score[c], -c)))
-    return torch.tensor(out)
-
-
-def test_knn_separable_and_matches_brute_force():
-    g = torch.Generator().manual_seed(0)
-    centers = torch.eye(4, 16) * 5
-    bank_labels = torch.arange(40) % 4
-    bank = centers[bank_labels] + 0.3 * torch.randn(40, 16, generator=g)
-    labels = torch.arange(12) % 4
-    feats = centers[labels] + 0.3 * torch.randn(12, 16, generator=g)
-    assert knn_accuracy(feats, labels, bank, bank_labels, num_classes=4, k=5) == 1.0
-    noisy = torch.randn(30, 16, generator=g)
-    for k in (1, 7, 200):
-        ref = _knn_reference(noisy, bank, bank_labels, 4, k, 0.1)
-        assert torch.equal(knn_predict(noisy, bank, bank_labels, 4, k=k, temperature=0.1), ref)
-        assert torch.equal(knn_predict(noisy, bank, bank_labels, 4, k=k, temperature=0.1, chunk_size=4), ref)
 
 
 # ----------------------------------------------------------------------------- shuffling BN
