@@ -40,6 +40,7 @@ import yaml  # noqa: E402
 
 from configs import apply_small_profile, resolve_config, rules  # noqa: E402,F401 (tests and bench import them here)
 from model import checkpoints, evaluation  # noqa: E402
+from model.backbones import ExportError  # noqa: E402
 from model.distributed import (LaunchError, init_distributed, is_main, log, parameter_digest,  # noqa: E402,F401
                                stop_requested, summed_over_ranks)
 from model.optim import build_optimizer, cosine_schedule, schedule_steps  # noqa: E402
@@ -61,24 +62,6 @@ class NonFiniteLoss(Exception):
 
 
 # ----------------------------------------------------------------------------- run directory, data, commands
-def prepare_run_dir(cfg) -> Path:
-    run_dir = Path(cfg.run_dir or ROOT / "runs" / f"{cfg.method}-{data_name(cfg.data)}")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"run directory {run_dir} is not writable: {e.strerror or e}")
-    return run_dir
-
-
-def data_name(data: str | None) -> str:
-    if data is None:
-        return "sample"
-    return Path(data.rstrip("/")).name.replace(".txt", "") or "data"
-
-
 def open_data(cfg, rank: int, world: int):
     """(train, test) sources; rank 0 builds the index and materialises data
     first, the others then find it cached."""
@@ -95,54 +78,13 @@ def open_data(cfg, rank: int, world: int):
     return train_src, test_src
 
 
-def evaluate_or_export(cfg, model, ckpt, run_dir: Path, train_src, test_src, device) -> int:
-    """--export and --eval linear on the run's checkpoint."""
-    if ckpt is None:
-        raise UserError(f"no checkpoint in {run_dir} to evaluate or export; train first")
-    model.load_state_dict(ckpt["model"])
-    if cfg.export:
-        from model.backbones import export_torchvision, torchvision_loadable
-        loadable = torchvision_loadable(model.backbone)
-        if loadable is not True:
-            raise UserError(f"--export writes torchvision state_dicts, and {cfg.arch} is not one: {loadable}")
-        torch.save(export_torchvision(model.backbone), cfg.export)
-        log(f"wrote {cfg.export}: load with torchvision.models.{cfg.arch}().load_state_dict(sd, strict=False)"
-            f" (only fc missing{'; conv1 is the small stem' if cfg.small_stem else ''})")
-    if cfg.eval == "linear":
-        if test_src is None or not train_src.has_labels:
-            raise UserError("linear evaluation needs a labelled train split and a test split")
-        acc = evaluation.linear_probe(model.backbone, train_src, test_src, cfg.image_size, device, cfg.amp,
-                                      cfg.workers, max_iter=cfg.linear_epochs)
-        log(f"linear probe top-1: {acc * 100:.2f}%")
-        with open(run_dir / "eval.json", "w") as f:
-            json.dump({"linear_top1": acc, "epoch": ckpt["epoch"]}, f)
-    return 0
-
-
-def check_resumable(cfg, config: dict, ckpt: dict, ckpt_path: Path, run_dir: Path, train_src) -> None:
-    """Refuse a checkpoint of other settings, or (unless --data-changed ok) of other data."""
-    diff = {k: (ckpt["config"].get(k), v) for k, v in config.items()
-            if k not in RESUMABLE_CHANGES and ckpt["config"].get(k) != v}
-    if diff:
-        raise UserError(f"{run_dir} holds a run with other settings "
-                        f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())}); use another --run-dir")
-    data_then = ckpt.get("data")
-    if data_then and data_then["fingerprint"] != train_src.fingerprint:
-        counts = (f"{data_then['images']:,} images then, {len(train_src):,} now"
-                  if data_then["images"] != len(train_src) else f"{len(train_src):,} images, some modified")
-        what = f"{cfg.data or 'the sample'} changed since {ckpt_path.name} was written ({counts})"
-        if cfg.data_changed != "ok":
-            raise UserError(f"{what}: the plan of every step depends on the dataset, so this run cannot resume "
-                            "exactly; pass --data-changed ok to resume anyway, or use another --run-dir")
-        log(f"warning: {what}; resuming anyway (--data-changed ok)")
-
-
 # ----------------------------------------------------------------------------- the loop
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         return run(argv)
-    except (UserError, LaunchError, rules.ConfigError, checkpoints.CheckpointError) as e:
+    except (UserError, LaunchError, rules.ConfigError, checkpoints.CheckpointError, evaluation.EvaluationError,
+            ExportError) as e:
         close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -178,14 +120,24 @@ def run(argv: list[str]) -> int:
         log(f"small images: configs/small.yaml{' and small_cpu.yaml' if device.type == 'cpu' else ''} set "
             f"{', '.join(changed)}")
         rules.check(cfg)
-    run_dir = prepare_run_dir(cfg)
+    run_dir = checkpoints.prepare_run_dir(cfg, ROOT)
     ckpt, ckpt_path = checkpoints.load(run_dir, cfg.method, "cpu",
                                        warn=lambda m: is_main() and print(f"warning: {m}", file=sys.stderr, flush=True))
 
     method = METHODS[cfg.method]
     model = method(cfg).to(device, memory_format=torch.channels_last)
     if cfg.eval or cfg.export:
-        return evaluate_or_export(cfg, model, ckpt, run_dir, train_src, test_src, device)
+        if ckpt is None:
+            raise UserError(f"no checkpoint in {run_dir} to evaluate or export; train first")
+        model.load_state_dict(ckpt["model"])
+        if cfg.export:
+            from model.backbones import export_torchvision
+            torch.save(export_torchvision(model.backbone), cfg.export)
+            log(f"wrote {cfg.export}: load with torchvision.models.{cfg.arch}().load_state_dict(sd, strict=False)"
+                f" (only fc missing{'; conv1 is the small stem' if cfg.small_stem else ''})")
+        if cfg.eval == "linear":
+            evaluation.evaluate_checkpoint(cfg, model, ckpt, run_dir, train_src, test_src, device, log)
+        return 0
 
     if cfg.batch_size % world:
         raise UserError(f"batch size {cfg.batch_size} is not divisible by the {world} processes")
@@ -209,7 +161,7 @@ def run(argv: list[str]) -> int:
     config = dict(vars(cfg))
     global_step = 0
     if ckpt is not None:
-        check_resumable(cfg, config, ckpt, ckpt_path, run_dir, train_src)
+        checkpoints.check_resumable(cfg, config, ckpt, ckpt_path, run_dir, train_src, RESUMABLE_CHANGES, log)
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])

@@ -21,6 +21,10 @@ import torch.nn as nn
 import torchvision
 
 
+class ExportError(ValueError):
+    """The backbone is not an architecture torchvision builds."""
+
+
 class Backbone(nn.Module):
     """The interface: forward(x) -> (fmap [B, C, h, w], pooled [B, C]);
     out_dim = C; stride = input pixels per feature-map cell."""
@@ -112,6 +116,12 @@ def export_torchvision(backbone: nn.Module) -> dict:
         net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False); net.maxpool = nn.Identity()
     """
     prefixes = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers
+    net = backbone
+    while hasattr(net, "module") or hasattr(net, "_orig_mod"):
+        net = getattr(net, "module", None) or net._orig_mod
+    loadable = torchvision_loadable(net)
+    if loadable is not True:
+        raise ExportError(f"--export writes a torchvision ResNet's state_dict, and this backbone is not one: {loadable}")
     out = {}
     for k, v in backbone.state_dict().items():
         while k.startswith(prefixes):

@@ -196,3 +196,42 @@ def keep_checkpoint(path: Path, step: int) -> Path:
         except OSError:
             shutil.copyfile(path, kept)
     return kept
+
+
+# ----------------------------------------------------------------------------- run directories, resuming
+def prepare_run_dir(cfg, root: Path) -> Path:
+    """cfg.run_dir, or root/runs/<method>-<data>; made and checked writable."""
+    run_dir = Path(cfg.run_dir or root / "runs" / f"{cfg.method}-{data_name(cfg.data)}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"run directory {run_dir} is not writable: {e.strerror or e}")
+    return run_dir
+
+
+def data_name(data: str | None) -> str:
+    if data is None:
+        return "sample"
+    return Path(data.rstrip("/")).name.replace(".txt", "") or "data"
+
+
+def check_resumable(cfg, config: dict, ckpt: dict, ckpt_path: Path, run_dir: Path, train_src, resumable: set,
+                    log=print) -> None:
+    """Refuse a checkpoint of other settings, or (unless --data-changed ok) of other data."""
+    diff = {k: (ckpt["config"].get(k), v) for k, v in config.items()
+            if k not in resumable and ckpt["config"].get(k) != v}
+    if diff:
+        raise CheckpointError(f"{run_dir} holds a run with other settings "
+                        f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())}); use another --run-dir")
+    data_then = ckpt.get("data")
+    if data_then and data_then["fingerprint"] != train_src.fingerprint:
+        counts = (f"{data_then['images']:,} images then, {len(train_src):,} now"
+                  if data_then["images"] != len(train_src) else f"{len(train_src):,} images, some modified")
+        what = f"{cfg.data or 'the sample'} changed since {ckpt_path.name} was written ({counts})"
+        if cfg.data_changed != "ok":
+            raise CheckpointError(f"{what}: the plan of every step depends on the dataset, so this run cannot resume "
+                            "exactly; pass --data-changed ok to resume anyway, or use another --run-dir")
+        log(f"warning: {what}; resuming anyway (--data-changed ok)")

@@ -31,6 +31,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+class EvaluationError(Exception):
+    """Evaluation asked of data that cannot give it: one line, exit code 2."""
+
+
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EVAL_BATCH = 256
 
@@ -202,3 +206,16 @@ def probe_features(xtr, ytr, xte, yte, num_classes: int, max_iter: int = 100, we
     opt.step(closure)
     with torch.no_grad():
         return (head(xte).argmax(1) == yte).float().mean().item()
+
+
+def evaluate_checkpoint(cfg, model, ckpt, run_dir: Path, train_src, test_src, device, log=print) -> float:
+    """train.py --eval linear: the linear probe of the run's backbone on frozen
+    features (cfg.linear_epochs L-BFGS iterations); written to run_dir/eval.json."""
+    if test_src is None or not train_src.has_labels:
+        raise EvaluationError("linear evaluation needs a labelled train split and a test split")
+    acc = linear_probe(model.backbone, train_src, test_src, cfg.image_size, device, cfg.amp, cfg.workers,
+                       max_iter=cfg.linear_epochs)
+    log(f"linear probe top-1: {acc * 100:.2f}%")
+    with open(run_dir / "eval.json", "w") as f:
+        json.dump({"linear_top1": acc, "epoch": ckpt["epoch"]}, f)
+    return acc

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from model.backbones import BACKBONES, build_backbone, export_torchvision
+from model.backbones import BACKBONES, ExportError, build_backbone, export_torchvision
 from model.heads import MLP, ConvProjector, byol_mlp
 
 
@@ -19,11 +19,12 @@ def _one_thread():
 
 
 @pytest.mark.parametrize("arch,small_stem,size", [
-    ("resnet18", True, 32), ("resnet18", False, 64), ("resnet50", True, 32)])
+    ("resnet18", True, 32), ("resnet18", False, 64), ("resnet50", True, 32), ("resnet18_half", True, 32),
+    ("resnet18_quarter", False, 64)])
 def test_shapes_and_stride(arch, small_stem, size):
     torch.manual_seed(0)
     net = build_backbone(arch, small_stem=small_stem)
-    assert net.out_dim == {"resnet18": 512, "resnet50": 2048}[arch]
+    assert net.out_dim == {"resnet18": 512, "resnet50": 2048, "resnet18_half": 256, "resnet18_quarter": 128}[arch]
     assert net.stride == (8 if small_stem else 32)
     x = torch.randn(2, 3, size, size).contiguous(memory_format=torch.channels_last)
     fmap, pooled = net(x)
@@ -84,3 +85,21 @@ def test_heads():
     assert mlp(torch.randn(4, 16)).shape == (4, 8)
     head = ConvProjector(16, 32, 8)
     assert head(torch.randn(4, 16, 3, 3)).shape == (4, 8)
+
+
+@pytest.mark.parametrize("arch, width", [("resnet18_half", 32), ("resnet18_quarter", 16)])
+def test_narrow_resnet_scales_every_layer_and_is_not_exported(arch, width):
+    """A narrow ResNet-18: every layer's channels scaled (layer k: width * 2^k),
+    torchvision's initialisation (zero-init residual BNs when asked), and an
+    export that says plainly it is not a torchvision architecture."""
+    torch.manual_seed(0)
+    net = build_backbone(arch, small_stem=True, zero_init_residual=True)
+    assert net.conv1.out_channels == width
+    assert [layer[0].conv1.out_channels for layer in (net.layer1, net.layer2, net.layer3, net.layer4)] == \
+        [width, 2 * width, 4 * width, 8 * width]
+    assert all(float(block.bn2.weight.abs().sum()) == 0 for layer in (net.layer1, net.layer4) for block in layer)
+    assert float(net.layer1[0].bn1.weight.min()) == 1.0
+    wide = sum(p.numel() for p in build_backbone("resnet18").parameters())
+    assert sum(p.numel() for p in net.parameters()) < wide * (width / 64) ** 2 * 1.1  # parameters ~ width^2
+    with pytest.raises(ExportError, match=f"width is {width} channels"):
+        export_torchvision(net)
