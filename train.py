@@ -375,8 +375,7 @@ def run(argv: list[str]) -> int:
         if cfg.export:
             from model.backbones import export_torchvision
             torch.save(export_torchvision(model.backbone), cfg.export)
-            log(f"wrote {cfg.export}: load with torchvision.models.{cfg.arch}().load_state_dict(sd, strict=False)"
-                f" (only fc missing{'; conv1 is the small stem' if cfg.small_stem else ''})")
+            log(f"wrote {cfg.export}: {model.backbone.load_hint}")
         if cfg.eval == "linear":
             if test_src is None or not train_src.has_labels:
                 raise UserError("linear evaluation needs a labelled train split and a test split")

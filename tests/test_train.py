@@ -152,6 +152,22 @@ def test_linear_eval_and_export(labelled_folder, tmp_path):
     assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
 
 
+def test_export_of_an_rf_resnet_names_its_constructor(labelled_folder, tmp_path):
+    """An RF-ResNet is not a torchvision architecture: --export says so in
+    its one line and names the constructor the weights load into."""
+    import model.backbones
+    run = ["--method", "cossl", "--pipeline", "torchvision", "--data", str(labelled_folder),
+           "--run-dir", str(tmp_path / "run"), "--epochs", "1", "--knn-every", "0", "--proj-hidden", "64",
+           "--pred-hidden", "64", "--local-hidden", "64", *TINY, "--arch", "rf_resnet18"]
+    train(*run)
+    proc = train(*run, "--export", str(tmp_path / "backbone.pth"))
+    line = next(s for s in proc.stdout.splitlines() if "backbone.pth" in s)
+    assert "not a torchvision architecture" in line and "receptive field 7 px" in line  # floor(99/224 * 16)
+    call = line.split("load with ", 1)[1].removesuffix(".load_state_dict(sd)")
+    net = eval(call, {"model": model})
+    net.load_state_dict(torch.load(tmp_path / "backbone.pth", weights_only=True))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "nope"], "invalid choice: 'nope'"),
     (["--pipeline", "nope"], "invalid choice: 'nope'"),
