@@ -115,8 +115,7 @@ def _kernel_stride(m: nn.Module) -> tuple[int, int]:
     """(effective kernel side, stride) of a convolution or pooling; (1, 1) for anything else."""
     if not isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
         return 1, 1
-    first = [v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.stride, getattr(m, "dilation", 1))]
-    k, s, d = first
+    k, s, d = (v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.stride, getattr(m, "dilation", 1)))
     return (k - 1) * d + 1, s
 
 
@@ -125,7 +124,7 @@ def receptive_field(net: nn.Module) -> tuple[int, int]:
     input pixels per feature-map cell) of a ResNet-shaped backbone: walking
     `main_path`, each layer adds (kernel - 1) * jump, then multiplies the jump
     by its stride (Araujo et al. 2019, "Computing Receptive Fields of
-    Convolutional Neural Networks", Distill, Eq. 2)."""
+    Convolutional Neural Networks", Distill, single-path networks)."""
     rf, jump = 1, 1
     for _, _, m in main_path(net):
         k, s = _kernel_stride(m)
