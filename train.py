@@ -40,7 +40,6 @@ import yaml  # noqa: E402
 
 from configs import apply_small_profile, resolve_config, rules  # noqa: E402,F401 (tests and bench import them here)
 from model import checkpoints, evaluation  # noqa: E402
-from model.backbones import ExportError  # noqa: E402
 from model.distributed import (LaunchError, init_distributed, is_main, log, parameter_digest,  # noqa: E402,F401
                                stop_requested, summed_over_ranks)
 from model.optim import build_optimizer, cosine_schedule, schedule_steps  # noqa: E402
@@ -83,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         return run(argv)
-    except (UserError, LaunchError, rules.ConfigError, checkpoints.CheckpointError, evaluation.EvaluationError,
-            ExportError) as e:
+    except (UserError, LaunchError, rules.ConfigError, checkpoints.CheckpointError,
+            evaluation.EvaluationError) as e:
         close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -133,8 +132,7 @@ def run(argv: list[str]) -> int:
         if cfg.export:
             from model.backbones import export_torchvision
             torch.save(export_torchvision(model.backbone), cfg.export)
-            log(f"wrote {cfg.export}: load with torchvision.models.{cfg.arch}().load_state_dict(sd, strict=False)"
-                f" (only fc missing{'; conv1 is the small stem' if cfg.small_stem else ''})")
+            log(f"wrote {cfg.export}: {model.backbone.load_hint}")
         if cfg.eval == "linear":
             evaluation.evaluate_checkpoint(cfg, model, ckpt, run_dir, train_src, test_src, device, log)
         return 0

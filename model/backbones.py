@@ -9,8 +9,9 @@ drops avgpool and fc, so its state_dict is a torchvision ResNet's minus fc:
 `export_torchvision` writes what `torchvision.models.resnet50()` loads.
 
 `BACKBONES` maps a name to a constructor `f(small_stem=..., **kw) -> module`
-with `forward(x) -> (fmap, pooled)`, `out_dim` and `stride`; other families
-(CO-SSL's receptive-field-limited ResNet) register there.
+with `forward(x) -> (fmap, pooled)`, `out_dim`, `stride` and `load_hint`;
+other families (CO-SSL's RF-ResNet, `rf_resnet`) register there.
+`receptive_field(net)` walks a backbone's convolutions and poolings.
 """
 from __future__ import annotations
 
@@ -19,10 +20,6 @@ import functools
 import torch
 import torch.nn as nn
 import torchvision
-
-
-class ExportError(ValueError):
-    """The backbone is not an architecture torchvision builds."""
 
 
 class Backbone(nn.Module):
@@ -57,6 +54,16 @@ class ResNetBackbone(Backbone):
             self.conv1, self.maxpool = net.conv1, net.maxpool
         self.bn1, self.relu = net.bn1, net.relu
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+
+    @property
+    def load_hint(self) -> str:
+        """How to load what export_torchvision writes (train.py --export prints it)."""
+        if self.width != 64:  # a narrow ResNet: torchvision builds only width 64
+            return (f"not a torchvision architecture ({self.arch} at width {self.width}); load with "
+                    f"model.backbones.ResNetBackbone({self.arch!r}, small_stem={self.small_stem}, "
+                    f"width={self.width}).load_state_dict(sd)")
+        return (f"load with torchvision.models.{self.arch}().load_state_dict(sd, strict=False) (only fc missing"
+                f"{'; conv1 is the small stem' if self.small_stem else ''})")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -114,14 +121,9 @@ def export_torchvision(backbone: nn.Module) -> dict:
     small stem, conv1.weight is 3x3: the dict loads only into a ResNet whose
     conv1 is replaced likewise,
         net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False); net.maxpool = nn.Identity()
+    An RF-ResNet's dict loads only into the RFResNetBackbone its `load_hint` names.
     """
     prefixes = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers
-    net = backbone
-    while hasattr(net, "module") or hasattr(net, "_orig_mod"):
-        net = getattr(net, "module", None) or net._orig_mod
-    loadable = torchvision_loadable(net)
-    if loadable is not True:
-        raise ExportError(f"--export writes a torchvision ResNet's state_dict, and this backbone is not one: {loadable}")
     out = {}
     for k, v in backbone.state_dict().items():
         while k.startswith(prefixes):
@@ -130,66 +132,156 @@ def export_torchvision(backbone: nn.Module) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- receptive fields
+def main_path(net: nn.Module):
+    """(owner, name, module) of every convolution and pooling on the main path
+    of a ResNet-shaped backbone, input to output: conv1, maxpool, then conv1,
+    conv2, conv3 of every block of layer1..layer4. A block's shortcut (1x1
+    convolution or identity) sees a subset of its main path's field."""
+    yield net, "conv1", net.conv1
+    yield net, "maxpool", net.maxpool
+    for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+        for block in layer:
+            for name in ("conv1", "conv2", "conv3"):
+                if hasattr(block, name):
+                    yield block, name, getattr(block, name)
 
-def torchvision_loadable(backbone: nn.Module):
-    """True when `export_torchvision(backbone)` loads into torchvision's model
-    of the same name, else the reason it does not (one phrase)."""
-    if type(backbone) is ResNetBackbone and backbone.width == 64:
-        return True
-    if type(backbone) is ResNetBackbone:
-        return f"its width is {backbone.width} channels (torchvision's {backbone.arch} has 64)"
-    return f"{type(backbone).__name__} is not a torchvision architecture"
+
+def _kernel_stride(m: nn.Module) -> tuple[int, int]:
+    """(effective kernel side, stride) of a convolution or pooling; (1, 1) for anything else."""
+    if not isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+        return 1, 1
+    k, s, d = (v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.stride, getattr(m, "dilation", 1)))
+    return (k - 1) * d + 1, s
+
+
+def receptive_field(net: nn.Module) -> tuple[int, int]:
+    """(side in input pixels of the square that one feature-map position sees,
+    input pixels per feature-map cell) of a ResNet-shaped backbone: walking
+    `main_path`, each layer adds (kernel - 1) * jump, then multiplies the jump
+    by its stride (Araujo et al. 2019, "Computing Receptive Fields of
+    Convolutional Neural Networks", Distill, single-path networks)."""
+    rf, jump = 1, 1
+    for _, _, m in main_path(net):
+        k, s = _kernel_stride(m)
+        rf, jump = rf + (k - 1) * jump, jump * s
+    return rf, jump
 
 
 # ----------------------------------------------------------------------------- CO-SSL's RF-ResNet
 class RFResNetBackbone(ResNetBackbone):
-    """Receptive-field-limited ResNet (RF-ResNet; Aubret, Teulière, Triesch
-    2025, "Seeing the Whole in the Parts in Self-Supervised Representation
-    Learning", arXiv:2501.02860): every feature-map position sees at most
-    `max_rf` x `max_rf` input pixels, so the local vectors CO-SSL aligns
-    with the global embedding are truly local; an MLP after the average
-    pooling (which the paper ablates) still lets the global representation
-    combine them.
+    """Receptive-field ResNet (RF-ResNet; Aubret, Teulière, Triesch 2025,
+    "Seeing the Whole in the Parts in Self-Supervised Representation
+    Learning", arXiv:2501.02860, Fig. 2): a torchvision ResNet whose field is
+    set by the max-pool's presence and the strides s', s'', s''' of the first
+    blocks of layer2, layer3 and layer4, so that every feature-map position
+    sees a bounded square of the input and the local vectors CO-SSL aligns
+    with the global embedding are truly local. An MLP after the average
+    pooling (Sec. 3.2; ablated in Table 6) lets the global representation
+    combine them; `pool_mlp` is one Linear-BN-ReLU of width C, our choice
+    (its depth is not known to us).
 
-    Built from the torchvision ResNet: walking the 3x3 convolutions in order,
-    each that would lift the receptive field above `max_rf` becomes a 1x1
-    convolution with the same channels and stride (so every shape and the
-    output stride stay those of the ResNet). Paper: RF 99 for ResNet-50 and
-    29 for ResNet-18 (the defaults). Our construction keeps whole 3x3 layers
-    only, so the field it reaches is the largest such one <= max_rf (the
-    achieved value is `receptive_field`: rf_resnet18 small stem 29, ImageNet
-    stem 27; rf_resnet50 91 with either stem). The paper's exact layer
-    layout and MLP depth were not available to us (neither its full text nor
-    code); `pool_mlp` is one Linear-BN-ReLU of width C, our choice.
+    The stride sits where torchvision puts it: on the 3x3 convolution of a
+    Bottleneck (ResNet v1.5; v1 put it on the first 1x1) and on conv1 of a
+    BasicBlock; the shortcut's 1x1 convolution takes the same stride. A
+    stride changes no weight, so the state_dict keeps torchvision's names and
+    shapes (plus pool_mlp).
+
+    max_rf is not part of Fig. 2; we use it only for small images: every 3x3
+    convolution that would lift the field above max_rf becomes a 1x1
+    convolution with the same channels and stride. A full-depth ResNet of 3x3
+    convolutions sees at least 35 px even with a 3x3 stride-1 stem and no
+    down-sampling, so strides alone cannot give 32 px views a field in
+    proportion to the paper's 99 px on 224 px (see `rf_resnet`).
+
+    receptive_field and stride (input pixels per feature-map cell) come from
+    `receptive_field(self)`.
     """
 
-    def __init__(self, arch: str, max_rf: int, small_stem: bool = False, pool_mlp: bool = True,
-                 zero_init_residual: bool = False):
-        super().__init__(arch, small_stem=small_stem, zero_init_residual=zero_init_residual)
-        rf, jump = (3, 1) if small_stem else (11, 4)  # 3x3/1 conv; or 7x7/2 conv + 3x3/2 max-pool
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            for block in layer:
-                basic = isinstance(block, torchvision.models.resnet.BasicBlock)
-                for name in ("conv1", "conv2") if basic else ("conv2",):  # the 3x3 convolutions, in order
-                    conv = getattr(block, name)
-                    if rf + (conv.kernel_size[0] - 1) * jump <= max_rf:
-                        rf += (conv.kernel_size[0] - 1) * jump
-                    else:
-                        point = nn.Conv2d(conv.in_channels, conv.out_channels, 1, stride=conv.stride, bias=False)
-                        nn.init.kaiming_normal_(point.weight, mode="fan_out", nonlinearity="relu")
-                        setattr(block, name, point)
-                    jump *= conv.stride[0]
-        self.receptive_field, self.max_rf = rf, max_rf
+    def __init__(self, arch: str, maxpool: bool = False, strides: tuple[int, int, int] = (1, 2, 1),
+                 small_stem: bool = False, max_rf: int | None = None, pool_mlp: bool = True,
+                 zero_init_residual: bool = False, width: int = 64):
+        super().__init__(arch, small_stem=small_stem, zero_init_residual=zero_init_residual, width=width)
+        strides = tuple(int(s) for s in strides)
+        if len(strides) != 3 or min(strides) < 1:
+            raise ValueError(f"strides are s', s'', s''' of layer2..layer4, each >= 1; got {strides}")
+        self.layout = dict(maxpool=bool(maxpool), strides=strides, small_stem=small_stem, max_rf=max_rf,
+                           pool_mlp=pool_mlp, width=width)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if maxpool else nn.Identity()
+        for layer, s in zip((self.layer2, self.layer3, self.layer4), strides):
+            block = layer[0]
+            strided = block.conv2 if isinstance(block, torchvision.models.resnet.Bottleneck) else block.conv1
+            strided.stride = (s, s)
+            if block.downsample is not None:
+                block.downsample[0].stride = (s, s)
+            block.stride = s
+        if max_rf is not None:
+            self._cap(max_rf)
+        self.receptive_field, self.stride = receptive_field(self)
         c = self.out_dim
         self.pool_mlp = (nn.Sequential(nn.Linear(c, c, bias=False), nn.BatchNorm1d(c), nn.ReLU(inplace=True))
                          if pool_mlp else nn.Identity())
+
+    def _cap(self, max_rf: int) -> None:
+        """Walk the main path; a 3x3 convolution that would pass max_rf becomes 1x1."""
+        rf, jump = 1, 1
+        for owner, name, m in list(main_path(self)):
+            k, s = _kernel_stride(m)
+            if owner is not self and k > 1 and rf + (k - 1) * jump > max_rf:
+                point = nn.Conv2d(m.in_channels, m.out_channels, 1, stride=m.stride, bias=False)
+                nn.init.kaiming_normal_(point.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
+                setattr(owner, name, point)
+                k = 1
+            rf, jump = rf + (k - 1) * jump, jump * s
+        if rf > max_rf:
+            raise ValueError(f"the stem alone sees {rf} px, more than max_rf={max_rf}")
+
+    @property
+    def load_hint(self) -> str:
+        """How to load what export_torchvision writes. A torchvision ResNet
+        would accept these weights and compute something else."""
+        lay = self.layout
+        capped = f", 3x3 convolutions past {lay['max_rf']} px made 1x1" if lay["max_rf"] else ""
+        return (f"not a torchvision architecture (RF-ResNet, receptive field {self.receptive_field} px: max-pool "
+                f"{'kept' if lay['maxpool'] else 'removed'}, first-block strides {lay['strides']}{capped}); load with "
+                f"model.backbones.RFResNetBackbone({self.arch!r}, maxpool={lay['maxpool']}, strides={lay['strides']}, "
+                f"small_stem={lay['small_stem']}, max_rf={lay['max_rf']}, pool_mlp={lay['pool_mlp']}, "
+                f"width={lay['width']})"
+                f".load_state_dict(sd)")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fmap, pooled = super().forward(x)   # B x C x h x w (local vectors), B x C
         return fmap, self.pool_mlp(pooled)  # B x C after the MLP
 
 
+# Fig. 2's parameters for 224 px views. The paper states 99 px for RF-ResNet-50;
+# no (max-pool, s', s'', s''') reaches exactly 99 on a full-depth ResNet-50
+# (enumerated in tests/model/test_backbones.py: with torchvision's stride
+# placement the nearest are 103 and 79, with v1's 107 and 83). This layout, no
+# max-pool and strides 1, 2, 1, gives ResNet-50 103 px (v1.5) and ResNet-18
+# exactly 99 px; output stride 4 (56 x 56 local vectors on 224 px views), which
+# costs 88 GMACs per view (ResNet-50: 4.1) and which every layout near 99 px
+# shares. A review of the paper quotes 23.7M parameters for its RF-ResNet-50
+# (ResNet-50 23.5M); ours has 27.7M (the pool MLP's 4.2M), so the paper's
+# layout or MLP differs in a way its text available to us does not show.
+PAPER_LAYOUT = dict(maxpool=False, strides=(1, 2, 1))
+PAPER_RF, PAPER_VIEW = 99, 224
+
+
+def rf_resnet(arch: str, small_stem: bool = False, view_size: int = 32, **kw) -> RFResNetBackbone:
+    """The RF-ResNet for `arch`: Fig. 2's layout (PAPER_LAYOUT) with the
+    ImageNet stem; with the small stem (images of at most 64 px), ResNet's
+    strides 2, 2, 2 and a field capped at the paper's ratio times the view,
+    floor(99 / 224 * view_size) (14 px on 32 px views; the walk reaches 13 px
+    on ResNet-18, 11 px on ResNet-50), instead of 29 px on a 32 px view."""
+    if small_stem:
+        return RFResNetBackbone(arch, maxpool=False, strides=(2, 2, 2), small_stem=True,
+                                max_rf=PAPER_RF * view_size // PAPER_VIEW, **kw)
+    return RFResNetBackbone(arch, small_stem=False, **PAPER_LAYOUT, **kw)
+
+
 BACKBONES.update({
-    "rf_resnet18": functools.partial(RFResNetBackbone, "resnet18", 29),
-    "rf_resnet50": functools.partial(RFResNetBackbone, "resnet50", 99),
+    "rf_resnet18": functools.partial(rf_resnet, "resnet18"),
+    "rf_resnet50": functools.partial(rf_resnet, "resnet50"),
+    "rf_resnet18_quarter": functools.partial(rf_resnet, "resnet18", width=16),  # the CPU profile's, as resnet18_quarter
 })

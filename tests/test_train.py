@@ -173,6 +173,22 @@ def test_linear_eval_and_export(labelled_folder, tmp_path):
     assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
 
 
+def test_export_of_an_rf_resnet_names_its_constructor(labelled_folder, tmp_path):
+    """An RF-ResNet is not a torchvision architecture: --export says so in
+    its one line and names the constructor the weights load into."""
+    import model.backbones
+    run = ["--method", "cossl", "--pipeline", "torchvision", "--data", str(labelled_folder),
+           "--run-dir", str(tmp_path / "run"), "--epochs", "1", "--knn-every", "0", "--proj-hidden", "64",
+           "--pred-hidden", "64", "--local-hidden", "64", *TINY, "--arch", "rf_resnet18"]
+    train(*run)
+    proc = train(*run, "--export", str(tmp_path / "backbone.pth"))
+    line = next(s for s in proc.stdout.splitlines() if "backbone.pth" in s)
+    assert "not a torchvision architecture" in line and "receptive field 7 px" in line  # floor(99/224 * 16)
+    call = line.split("load with ", 1)[1].removesuffix(".load_state_dict(sd)")
+    net = eval(call, {"model": model})
+    net.load_state_dict(torch.load(tmp_path / "backbone.pth", weights_only=True))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "nope"], "invalid choice: 'nope'"),
     (["--pipeline", "nope"], "invalid choice: 'nope'"),
@@ -229,7 +245,7 @@ def test_small_profile_keeps_the_backbone_family(argv, arch):
 
 
 @pytest.mark.parametrize("method, family", [("mocov2", "moco"), ("mosrep", "moco"), ("byol", "byol"),
-                                            ("scrl", "byol"), ("simclr", "simclr")])
+                                            ("scrl", "byol"), ("cossl", "byol"), ("simclr", "simclr")])
 def test_cpu_profile_gives_every_family_its_recipe(method, family):
     """On the CPU, small images also get configs/small_cpu.yaml: the narrow
     ResNet-18 and the family's recipe (the same values for every method of
@@ -240,12 +256,13 @@ def test_cpu_profile_gives_every_family_its_recipe(method, family):
     assert method in recipe["families"][family]
     cfg, explicit = train_module.resolve_config(["--method", method])
     changed = train_module.apply_small_profile(cfg, explicit, median_side=28, device_type="cpu")
-    assert cfg.arch == "resnet18_quarter" and cfg.epochs == recipe["all"]["epochs"] and f"arch=resnet18_quarter" in changed
+    narrow = "rf_resnet18_quarter" if method == "cossl" else "resnet18_quarter"  # CO-SSL keeps its RF-ResNet
+    assert cfg.arch == narrow and cfg.epochs == recipe["all"]["epochs"] and f"arch={narrow}" in changed
     assert all(getattr(cfg, key) == value for key, value in recipe[family].items() if hasattr(cfg, key))
     train_module.rules.check(cfg)  # every value the profile sets is within its rule
     gpu, explicit = train_module.resolve_config(["--method", method])
     train_module.apply_small_profile(gpu, explicit, median_side=28, device_type="cuda")
-    assert gpu.arch == "resnet18" and gpu.lr != recipe[family]["lr"]
+    assert gpu.arch == narrow.removesuffix("_quarter") and gpu.lr != recipe[family]["lr"]
     mine, explicit = train_module.resolve_config(["--method", method, "--lr", "0.123", "--arch", "resnet18"])
     train_module.apply_small_profile(mine, explicit, median_side=28, device_type="cpu")
     assert mine.lr == 0.123 and mine.arch == "resnet18"

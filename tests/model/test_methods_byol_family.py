@@ -1,4 +1,4 @@
-"""SCRL, CLIM, CO-SSL and the RF-ResNet: each method's own invariant (the
+"""SCRL, CLIM and CO-SSL: each method's own invariant (the
 generic contract, gradient, overfitting and EMA tests run on them from
 test_methods.py, which parametrises over METHODS)."""
 import numpy as np
@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.backbones import BACKBONES, build_backbone
 from model.common import info_nce
 from model.methods import METHODS
 from model.methods.clim import bank_neighbours, cutmix, kmeans, mixed_info_nce
@@ -201,58 +200,78 @@ def test_cossl_local_loss_has_one_term_per_position():
     ref = [2 - 2 * F.cosine_similarity(pred[b, :, i, j], z[b], dim=0)
            for b in range(3) for i in range(4) for j in range(2)]
     torch.testing.assert_close(terms.mean(), torch.stack(ref).mean())
+    torch.testing.assert_close(local_loss_terms(z, pred), terms)  # a vector predicting a map: the same terms
 
 
 def test_cossl_total_is_global_plus_weighted_local():
     _, model, views = build("cossl", local_weight=0.5)
     loss, m = model(views)
     torch.testing.assert_close(loss, m["global_loss"] + 0.5 * m["local_loss"])
+    torch.testing.assert_close(m["local_loss"], (m["local_to_global"] + m["global_to_local"]) / 2)
     fmap, _ = model.backbone(views.crops["global"][0])
     assert fmap.shape[-2:] == (2, 2)                         # 16 px / stride 8: 4 local terms per image
     loss.backward()
-    assert model.local_projector[0].weight.grad.abs().sum() > 0
+    for head in (model.local_projector, model.local_predictor):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+
+
+def test_cossl_local_loss_directions_against_a_reference():
+    """Fig. 1: each online local prediction of one view against the target's
+    global projection of the other; BYOL's online global prediction of one
+    view against each target local projection of the other."""
+    _, model, views = build("cossl")
+    x1, x2 = views.crops["global"]
+    with torch.no_grad():
+        _, m = model(views)
+        (g1, l1), (g2, l2) = model._online(x1), model._online(x2)
+        (z1, zl1), (z2, zl2) = model._target(x1), model._target(x2)
+
+    def ref(pred, target):  # mean over b, i, j of 2 - 2 cos; one side is a vector
+        b, d, h, w = (pred if pred.dim() == 4 else target).shape
+        p = pred if pred.dim() == 4 else pred[:, :, None, None].expand(b, d, h, w)
+        t = target if target.dim() == 4 else target[:, :, None, None].expand(b, d, h, w)
+        return (2 - 2 * F.cosine_similarity(p.permute(0, 2, 3, 1).reshape(-1, d),
+                                            t.permute(0, 2, 3, 1).reshape(-1, d), dim=1)).mean()
+    torch.testing.assert_close(m["local_to_global"], ref(l1, z2) + ref(l2, z1))
+    torch.testing.assert_close(m["global_to_local"], ref(g1, zl2) + ref(g2, zl1))
+
+
+def test_cossl_loss_is_symmetric_in_the_views():
+    _, model, views = build("cossl")
+    with torch.no_grad():
+        _, m = model(views)
+        views.crops["global"] = views.crops["global"].flip(0)   # view 1 first
+        _, swapped = model(views)
+    for k in ("global_loss", "local_to_global", "global_to_local", "local_loss"):
+        torch.testing.assert_close(m[k], swapped[k])
+
+
+def test_cossl_target_local_projector_is_an_ema_copy_without_gradient():
+    _, model, views = build("cossl")
+    target, online = model.target_local_projector, model.local_projector
+    assert all(not p.requires_grad for p in target.parameters())
+    for t, o in zip(target.state_dict().values(), online.state_dict().values()):
+        torch.testing.assert_close(t, o)                    # a copy at the start
+    loss, _ = model(views)
+    loss.backward()
+    assert all(p.grad is None for p in target.parameters())
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(torch.randn_like(p))                     # an online step
+    before = [p.clone() for p in target.parameters()]
+    model.step_end(0.5)
+    tau = float(model.tau)
+    assert 0.996 < tau < 1
+    for t, b, o in zip(target.parameters(), before, online.parameters()):
+        torch.testing.assert_close(t, tau * b + (1 - tau) * o)
 
 
 def test_cossl_runs_on_the_rf_resnet():
-    _, model, views = build("cossl", arch="rf_resnet18")
+    _, model, views = build("cossl", arch="rf_resnet18")     # 16 px views, small stem
     loss, _ = model(views)
     loss.backward()
-    assert torch.isfinite(loss) and model.backbone.receptive_field == 29
-
-
-# ----------------------------------------------------------------------------- RF-ResNet
-@pytest.mark.parametrize("arch,small_stem,size,rf", [("rf_resnet18", True, 32, 29), ("rf_resnet18", False, 64, 27),
-                                                     ("rf_resnet50", True, 32, 91)])
-def test_rf_resnet_shapes_and_stride(arch, small_stem, size, rf):
-    assert arch in BACKBONES
-    torch.manual_seed(0)
-    net = build_backbone(arch, small_stem=small_stem)
-    ref = build_backbone(arch[3:], small_stem=small_stem)
-    assert (net.out_dim, net.stride) == (ref.out_dim, ref.stride)
-    assert net.receptive_field == rf <= net.max_rf
-    x = torch.randn(2, 3, size, size).contiguous(memory_format=torch.channels_last)
-    fmap, pooled = net(x)
-    assert fmap.shape == ref(x)[0].shape and pooled.shape == (2, net.out_dim)
-
-
-def _gradient_window(net, size=64):
-    """Side of the input square whose pixels move output position (h/2, w/2)."""
-    net.eval()
-    x = torch.randn(1, 3, size, size, requires_grad=True)
-    fmap, _ = net(x)
-    fmap[0, :, fmap.shape[2] // 2, fmap.shape[3] // 2].sum().backward()
-    hit = x.grad[0].abs().sum(0) > 0
-    rows, cols = hit.any(1).nonzero(), hit.any(0).nonzero()
-    return int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
-
-
-def test_rf_resnet_receptive_field_is_smaller():
-    torch.manual_seed(0)
-    rf = build_backbone("rf_resnet18", small_stem=True)
-    full = build_backbone("resnet18", small_stem=True)
-    h, w = _gradient_window(rf)
-    assert (h, w) == (rf.receptive_field, rf.receptive_field) == (29, 29)  # the whole theoretical field, no more
-    assert min(_gradient_window(full)) > max(h, w)
+    assert torch.isfinite(loss)
+    assert model.backbone.receptive_field == model.target_backbone.receptive_field == 7  # floor(99/224 * 16)
 
 
 # ----------------------------------------------------------------------------- BYOL's heads
