@@ -31,7 +31,9 @@ batch on `workers` threads):
 
 The order of every epoch is the plan's, through a traversal order that
 hands FFCV the rank's shard from the loader's position (mid-epoch resume
-starts there). The step's parameters (windows, flips, colour vectors, paste
+starts there), each step's batch being the plan's `index`: with CLIM's
+neighbours, the B anchors then the B images the table names, decoded once
+each and rendered like any other row. The step's parameters (windows, flips, colour vectors, paste
 tables) reach the compiled operations as data: each operation declares a
 parameter buffer beside its output, and the epoch iterator writes step s's
 plan into the buffers of the batch slot it is about to render, so nothing
@@ -342,7 +344,9 @@ class _Paste(Operation):
 
 
 class _PlanOrder(TraversalOrder):
-    """The rank's shard of the planned epoch from the loader's position.
+    """The rank's shard of the planned epoch from the loader's position, in
+    batches of planner.rows: each step's anchors, then (with neighbours, CLIM)
+    the images the planner's table names for them, as the plan's `index`.
     FFCV's Loader calls an order instance with itself (`order(loader)`)."""
 
     def __init__(self, planner, record):
@@ -353,9 +357,16 @@ class _PlanOrder(TraversalOrder):
         return self
 
     def sample_order(self, epoch):  # FFCV's own epoch count is not ours: the planned loader sets the position
-        b = self.planner.batch_size
-        shard = self.planner.shard(self.epoch)[self.start * b:self.planner.steps_per_epoch * b]
-        return self.record[shard].astype(np.uint64)
+        p, b = self.planner, self.planner.batch_size
+        rows = p.shard(self.epoch)[self.start * b:p.steps_per_epoch * b].reshape(-1, b)
+        if p.spec.neighbours:  # Planner.plan's rule: the named image, the anchor itself where none (or out of range)
+            table = p.neighbours if p.neighbours is not None else np.zeros(0, np.int64)
+            named = np.full(rows.shape, -1, np.int64)
+            known = rows < len(table)
+            named[known] = table[rows[known]]
+            named[named >= len(p.widths)] = -1
+            rows = np.concatenate([rows, np.where(named >= 0, named, rows)], axis=1)
+        return self.record[rows.reshape(-1)].astype(np.uint64)
 
 
 _COMPILING = threading.Lock()
@@ -408,7 +419,7 @@ class FfcvLoader(PlannedLoader):
     resamples, and pipelines/colour.py's CUDA kernel colours every view of a
     family in one launch."""
     name = "ffcv"
-    capabilities = frozenset({"crops", "asymmetric", "original", "mosaic", "pairs"})
+    capabilities = frozenset({"crops", "asymmetric", "original", "mosaic", "pairs", "neighbours"})
 
     def __init__(self, spec, source, *, beton: Optional[str] = None, cache_dir: Optional[str] = None,
                  jpeg_quality: int = DEFAULT_QUALITY, max_side: Optional[int] = None,
@@ -455,7 +466,7 @@ class FfcvLoader(PlannedLoader):
         self._order = _PlanOrder(self.planner, self._record)
         threads = max(1, min(self.workers, numba.config.NUMBA_NUM_THREADS))
         torch_threads = torch.get_num_threads()
-        self._ffcv = _FFCVLoader(self.path, self.batch_size, num_workers=threads, order=self._order,
+        self._ffcv = _FFCVLoader(self.path, self.planner.rows, num_workers=threads, order=self._order,
                                  pipelines=specs, drop_last=False, batches_ahead=self._batches_ahead, owner=self)
         torch.set_num_threads(torch_threads)  # FFCV sets torch's thread count to its workers'
         graph = self._ffcv.graph

@@ -114,14 +114,18 @@ def test_resume_after_kill_matches_uninterrupted_run(labelled_folder, tmp_path, 
         assert abs(after[step] - reference[step]) <= 1e-5, (step, after[step], reference[step])
 
 
-def test_clim_resume_is_exact_with_the_neighbours_the_plan_fetched(tmp_path):
+@pytest.mark.parametrize("pipeline", ["torchvision", "ffcv"])
+def test_clim_resume_is_exact_with_the_neighbours_the_plan_fetched(tmp_path, pipeline):
     """CLIM's second epoch mixes neighbours that its plans fetched through the
     table made at the epoch's start; a run stopped mid-epoch and restarted
     logs the same losses (bank, table, draw counts in the checkpoint)."""
+    import pipelines
+    if pipeline not in pipelines.PIPELINES:
+        pytest.skip(f"{pipeline} is not installed")
     data = tmp_path / "data"
     make_image_folder(data / "train", per_class=8, seed=2)   # 24 images: 3 steps of 8 an epoch
     make_image_folder(data / "val", per_class=2, seed=3)
-    common = ["--method", "clim", "--pipeline", "torchvision", "--data", str(data), "--epochs", "2",
+    common = ["--method", "clim", "--pipeline", pipeline, "--data", str(data), "--epochs", "2",
               "--queue-size", "16", "--multires-sizes", "96", "--knn-every", "0", "--ckpt-every", "1", *TINY]
     train(*common, "--run-dir", str(tmp_path / "whole"), timeout=1200)
     reference = losses(tmp_path / "whole")

@@ -147,6 +147,47 @@ def test_neighbour_rows_show_the_images_the_table_names(name, coords):
 
 
 @pytest.mark.parametrize("name", RENDERERS)
+def test_resume_with_neighbours_is_exact_and_each_epoch_takes_its_table(name, coords):
+    """A loader checkpointed after step 0 of an epoch with neighbour rows and
+    resumed (the same table set again, as train.py does) renders the rest of
+    the epoch as the uninterrupted one did; the next epoch fetches the
+    neighbours of the table set at its start."""
+    spec = ViewSpec(crops=(CropSpec("global", 2, 16, scale=(0.05, 1.0), augs=(FLIPS,)),),
+                    original=OriginalSpec(12, aug=FLIPS), neighbours=True)
+    if "neighbours" not in loader_class(name).capabilities:
+        pytest.skip(f"{name} does not fetch neighbour rows (CLIM)")
+    tables = [np.array([5, -1, 0, 7, 3, -1, 2, 1]), np.array([1, 2, 3, 4, 5, 6, 7, 0])]
+    whole = make(name, spec, coords, batch_size=2, seed=4)
+    whole.set_neighbours(tables[0])
+    reference = list(whole)
+    whole.close()
+    cut = make(name, spec, coords, batch_size=2, seed=4)
+    cut.set_neighbours(tables[0])
+    for _ in cut:
+        break
+    state = cut.state_dict()
+    cut.close()
+    assert (state["epoch"], state["step"]) == (0, 1)
+    resumed = make(name, spec, coords, batch_size=2, seed=4)
+    resumed.load_state_dict(state)
+    resumed.set_neighbours(tables[0])
+    got = list(resumed)
+    assert len(got) == len(reference) - 1 == 3
+    for ref, new in zip(reference[1:], got):
+        assert torch.equal(ref.index, new.index) and torch.equal(ref.neighbour, new.neighbour)
+        assert torch.equal(ref.crops["global"], new.crops["global"]) and torch.equal(ref.original, new.original)
+    resumed.set_neighbours(tables[1])  # epoch 1's table
+    for step, views in enumerate(resumed):
+        anchors = views.index[:2].cpu().numpy()
+        assert np.array_equal(views.neighbour.cpu().numpy(), tables[1][anchors])
+        assert np.array_equal(views.index[2:].cpu().numpy(), tables[1][anchors])
+        original = to_uint8(views.original)
+        for r in range(4):
+            assert (original[r, ..., 2] == image_code(coords, views.index[r])).all(), f"{name} step {step} row {r}"
+    resumed.close()
+
+
+@pytest.mark.parametrize("name", RENDERERS)
 def test_mosaic_tiles_land_where_the_paste_table_says(name, coords):
     spec = ViewSpec(crops=(CropSpec("global", 2, 16),), mosaic=MosaicSpec(crop_size=16, jitter=6, aug=FLIPS))
     ld = make(name, spec, coords, seed=2)
