@@ -266,7 +266,7 @@ def test_cpu_profile_gives_every_family_its_recipe(method, family):
     train_module.rules.check(cfg)  # every value the profile sets is within its rule
     gpu, explicit = train_module.resolve_config(["--method", method])
     train_module.apply_small_profile(gpu, explicit, median_side=28, device_type="cuda")
-    assert gpu.arch == narrow.removesuffix("_quarter") and gpu.lr != recipe[family]["lr"]
+    assert gpu.arch == narrow.removesuffix("_quarter") and gpu.weight_decay != recipe[family]["weight_decay"]
     mine, explicit = train_module.resolve_config(["--method", method, "--lr", "0.123", "--arch", "resnet18"])
     train_module.apply_small_profile(mine, explicit, median_side=28, device_type="cpu")
     assert mine.lr == 0.123 and mine.arch == "resnet18"
