@@ -103,8 +103,8 @@ def test_narrow_resnet_scales_every_layer_and_exports_with_its_constructor(arch,
     assert net.conv1.out_channels == width
     assert [layer[0].conv1.out_channels for layer in (net.layer1, net.layer2, net.layer3, net.layer4)] == \
         [width, 2 * width, 4 * width, 8 * width]
-    assert all(float(block.bn2.weight.abs().sum()) == 0 for layer in (net.layer1, net.layer4) for block in layer)
-    assert float(net.layer1[0].bn1.weight.min()) == 1.0
+    assert all(float(block.bn2.weight.detach().abs().sum()) == 0 for layer in (net.layer1, net.layer4) for block in layer)
+    assert float(net.layer1[0].bn1.weight.detach().min()) == 1.0
     wide = sum(p.numel() for p in build_backbone("resnet18").parameters())
     assert sum(p.numel() for p in net.parameters()) < wide * (width / 64) ** 2 * 1.1  # parameters ~ width^2
     hint = net.load_hint
