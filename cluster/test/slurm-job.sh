@@ -14,7 +14,7 @@ eval "$("$(dirname "$0")/slurm-up.sh")"
 requeues=${REQUEUES:-2}
 ckpt=2
 # Enough steps after each requeue point that a fast machine cannot finish first.
-steps=$(( requeues > 0 ? 30 : 6 ))
+steps=$(( requeues > 0 ? 40 : 6 ))
 out="$STATE/slurm-job"
 mkdir -p "$out"
 cd "$REPO"
@@ -63,8 +63,12 @@ if [ "$requeues" -ge 1 ]; then
   scancel --signal=USR1 --batch "$job"
   pending_now
 fi
+running_past() { [ "$(state)" = RUNNING ] && past "$1"; }
 if [ "$requeues" -ge 2 ]; then
-  wait_for 600 "the first requeue to train past step $((5 * ckpt))" past $((5 * ckpt))
+  # The log already holds the steps before the first requeue: wait for the
+  # resumed job to run and log new ones, or a fast job is requeued while pending.
+  second=$(( $(last_step) + 2 > 5 * ckpt ? $(last_step) + 2 : 5 * ckpt ))
+  wait_for 600 "the first requeue to train past step $second" running_past "$second"
   say "step $(last_step): scontrol requeue"
   scontrol requeue "$job"
   pending_now
