@@ -359,12 +359,8 @@ class _PlanOrder(TraversalOrder):
     def sample_order(self, epoch):  # FFCV's own epoch count is not ours: the planned loader sets the position
         p, b = self.planner, self.planner.batch_size
         rows = p.shard(self.epoch)[self.start * b:p.steps_per_epoch * b].reshape(-1, b)
-        if p.spec.neighbours:  # Planner.plan's rule: the named image, the anchor itself where none (or out of range)
-            table = p.neighbours if p.neighbours is not None else np.zeros(0, np.int64)
-            named = np.full(rows.shape, -1, np.int64)
-            known = rows < len(table)
-            named[known] = table[rows[known]]
-            named[named >= len(p.widths)] = -1
+        if p.spec.neighbours:  # Planner.plan's rows: the named image, the anchor itself where none
+            named = p.neighbours_of(rows)
             rows = np.concatenate([rows, np.where(named >= 0, named, rows)], axis=1)
         return self.record[rows.reshape(-1)].astype(np.uint64)
 

@@ -682,6 +682,16 @@ class Planner:
         """Rows of every planned view array: B, or 2B with neighbour rows."""
         return self.batch_size * (2 if self.spec.neighbours else 1)
 
+    def neighbours_of(self, index: np.ndarray) -> np.ndarray:
+        """Each anchor's neighbour by the table, int64 of index's shape: -1
+        where the table names none, is too short, or names an image past N."""
+        table = self.neighbours if self.neighbours is not None else np.zeros(0, np.int64)
+        nbr = np.full(np.shape(index), -1, np.int64)
+        known = index < len(table)
+        nbr[known] = table[index[known]]
+        nbr[nbr >= len(self.widths)] = -1
+        return nbr
+
     def set_neighbours(self, table) -> None:
         """The neighbour table for the plans from now on (None: no neighbours)."""
         self.neighbours = None if table is None else np.ascontiguousarray(table, dtype=np.int64)
@@ -725,11 +735,7 @@ class Planner:
         index = np.ascontiguousarray(self.order(epoch)[positions])
         out = BatchPlan(epoch=epoch, step=step, index=index)
         if self.spec.neighbours:
-            table = self.neighbours if self.neighbours is not None else np.zeros(0, np.int64)
-            known = index < len(table)
-            nbr = np.where(known, table[np.where(known, index, 0)] if len(table) else -1, -1).astype(np.int64)
-            nbr[nbr >= len(self.widths)] = -1
-            out.neighbour = nbr
+            nbr = out.neighbour = self.neighbours_of(index)
             index = out.index = np.concatenate([index, np.where(nbr >= 0, nbr, index)])
             positions = np.concatenate([positions, positions + len(self.widths)])  # the neighbours' own streams
         # The mosaic depends on nothing else in the plan and its kernels
