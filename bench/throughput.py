@@ -34,6 +34,7 @@ Defaults (each a flag):           GPU (cuda)              CPU
   --pipelines                     every registered one except synthetic
   --photos                        max(512, 16 x batch) ImageNet-sized JPEGs (500x375, q90)
   --recipes                       byol (2x224), multicrop (2x224+6x96), mosrep (2x224+mosaic 4x112)
+  --recipe-epochs                 3 windows of one whole epoch each, after one untimed epoch
   --epochs-rss / --rss-images     5 epochs of all photos  5 epochs of 256 photos
 
 Data: real photographs, cut once by `pipelines.data.make_photo_folder` from
@@ -80,6 +81,9 @@ PHOTO_SIZE = (500, 375)  # ImageNet's most common size
 PHOTO_QUALITY = 90
 # The CPU recipe comparison the project promises: batch 64, 2 workers.
 RECIPE_BATCH, RECIPE_WORKERS = 64, 2
+# Its windows are whole epochs, so that each holds one epoch boundary (where
+# every pipeline restarts and drains) and a few slow steps do not decide the median.
+RECIPE_EPOCHS = 3
 RECIPES = {
     # BYOL (Grill et al. 2020, Table 6): two 224 views, asymmetric blur/solarize.
     "byol": ViewSpec(crops=(CropSpec("global", 2, 224, scale=(0.08, 1.0), augs=(BYOL_AUG_1, BYOL_AUG_2)),)),
@@ -108,6 +112,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipes", default="all", help=f"CPU recipe comparison: {', '.join(RECIPES)}, 'all' or 'none'")
     p.add_argument("--recipe-batch", type=int, default=RECIPE_BATCH, help="batch of the recipe comparison (64)")
     p.add_argument("--recipe-workers", type=int, default=RECIPE_WORKERS, help="workers of the recipe comparison (2)")
+    p.add_argument("--recipe-epochs", type=int, default=RECIPE_EPOCHS,
+                   help="timed windows of the recipe comparison, one whole epoch each, after one untimed epoch (3)")
     p.add_argument("--baselines", default="all",
                    help="stock pipelines timed beside the recipes: stock-torchvision, stock-dali, 'all' or 'none'")
     p.add_argument("--sweep", default=None, help=f"run only these pipeline-only sweeps: {', '.join(SWEEPS)}")
@@ -347,15 +353,17 @@ def build_loader(name, spec, source, args, *, batch, workers, device, cpu_graph=
                            **pipeline_options(name, cpu_graph))
 
 
-def time_pipeline(name, spec, source, args, *, batch, workers, device, cpu_graph=False) -> dict:
+def time_pipeline(name, spec, source, args, *, batch, workers, device, cpu_graph=False, timing=None) -> dict:
+    """Rates of one pipeline; `timing` (warmup, steps, repeats) defaults to the flags'."""
+    warmup, steps, repeats = timing or (args.warmup, args.steps, args.repeats)
     loader = build_loader(name, spec, source, args, batch=batch, workers=workers, device=device, cpu_graph=cpu_graph)
     it = endless(loader)
     try:
-        windows = time_windows(lambda: next(it), device, args.warmup, args.steps, args.repeats)
+        windows = time_windows(lambda: next(it), device, warmup, steps, repeats)
     finally:
         it.close()
         loader.close()
-    return rates(windows, batch, args.steps, spec)
+    return rates(windows, batch, steps, spec)
 
 
 # ----------------------------------------------------------------------------- the model step
@@ -617,6 +625,14 @@ def run_recipes(source, args) -> list:
     cpu = torch.device("cpu")
     rows = [{"recipe": n, "pipeline": p, "status": "skipped", "reason": r} for n in names for p, r in skipped.items()]
     batch, workers = args.recipe_batch, args.recipe_workers
+    epoch = len(source) // batch  # every pipeline here drops the last partial batch
+    if epoch < 1:
+        reason = f"{len(source)} images are less than one batch of {batch}"
+        print(f"skipped the recipes: {reason}")
+        return rows + [{"recipe": n, "status": "skipped", "reason": reason} for n in names]
+    timing = (epoch, epoch, args.recipe_epochs)  # one untimed epoch, then whole epochs
+    print(f"recipe windows: {args.recipe_epochs} epochs of {epoch} steps ({len(source)} images), "
+          "after one untimed epoch", flush=True)
     for name in names:
         if name not in RECIPES:
             print(f"skipped recipe {name}: unknown (choose from {', '.join(RECIPES)})")
@@ -627,7 +643,7 @@ def run_recipes(source, args) -> list:
             print(f"timing recipe {name} ({describe(spec)}): {pipe} on the CPU, batch {batch}, "
                   f"{workers} workers", flush=True)
             result, err = attempt(f"recipe {name} {pipe}", lambda: time_pipeline(
-                pipe, spec, source, args, batch=batch, workers=workers, device=cpu, cpu_graph=True))
+                pipe, spec, source, args, batch=batch, workers=workers, device=cpu, cpu_graph=True, timing=timing))
             row = {"recipe": name, "pipeline": pipe, "spec": describe(spec), "views_per_sample": views_per_sample(spec),
                    "batch_size": batch, "workers": workers, "device": "cpu",
                    "status": "error" if err else "ok", **(result or {})}
@@ -637,8 +653,8 @@ def run_recipes(source, args) -> list:
         for stock in baselines:
             print(f"timing recipe {name} ({describe(spec)}): {stock} on the CPU, batch {batch}, "
                   f"{workers} workers", flush=True)
-            result, err = attempt(f"recipe {name} {stock}", lambda: time_baseline(stock, spec, source, args,
-                                                                               batch=batch, workers=workers))
+            result, err = attempt(f"recipe {name} {stock}", lambda: time_baseline(stock, spec, source, batch=batch,
+                                                                               workers=workers, timing=timing))
             row = {"recipe": name, "pipeline": stock, "baseline": True, "spec": describe(spec),
                    "views_per_sample": views_per_sample(spec), "batch_size": batch, "workers": workers,
                    "device": "cpu", "status": "error" if err else "ok", **(result or {})}
@@ -672,15 +688,16 @@ def resolve_baselines(requested: str) -> list:
     return names
 
 
-def time_baseline(name, spec, source, args, *, batch, workers) -> dict:
+def time_baseline(name, spec, source, *, batch, workers, timing) -> dict:
     """A stock pipeline of bench/baselines.py, timed like ours (whole samples, after a warm-up)."""
     from bench.baselines import BUILDERS
+    warmup, steps, repeats = timing
     it, close = BUILDERS[name](spec, source.paths, batch, workers)
     try:
-        windows = time_windows(lambda: next(it), torch.device("cpu"), args.warmup, args.steps, args.repeats)
+        windows = time_windows(lambda: next(it), torch.device("cpu"), warmup, steps, repeats)
     finally:
         close()
-    return rates(windows, batch, args.steps, spec)
+    return rates(windows, batch, steps, spec)
 
 
 def run_rss(source, args, device) -> list:
@@ -927,6 +944,9 @@ def main(argv: list | None = None) -> int:
     if unknown:
         print(f"error: unknown --parts {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
+    if args.recipe_epochs < 1:
+        print(f"error: --recipe-epochs must be at least 1, not {args.recipe_epochs}", file=sys.stderr)
+        return 2
     sweeps = split(args.sweep) if args.sweep else []
     bad = [s for s in sweeps if s not in SWEEPS]
     if bad:
@@ -939,7 +959,7 @@ def main(argv: list | None = None) -> int:
     settings = {k: getattr(args, k) for k in ("arch", "image_size", "batch_size", "workers", "warmup", "steps",
                                               "repeats", "amp", "compile", "cpu_graph", "methods", "pipelines",
                                               "epochs_rss", "seed", "view_scale", "recipe_batch", "recipe_workers",
-                                              "photos", "photo_size", "rss_images")}
+                                              "recipe_epochs", "photos", "photo_size", "rss_images")}
     result = {"environment": env, "settings": settings, "data": data}
     if sweeps:
         result["sweeps"] = {}

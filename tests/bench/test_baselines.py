@@ -1,5 +1,6 @@
 """bench/baselines.py: the stock pipelines make every view a recipe asks for,
 normalised, in [B, 3, H, W] batches, from the same files as ours."""
+import numpy as np
 import pytest
 import torch
 
@@ -36,11 +37,23 @@ def test_stock_pipelines_make_every_view(name, source):
 def test_recipe_rows_name_the_best_stock_pipeline(source, tmp_path):
     args = throughput.get_args_parser().parse_args(
         ["--pipelines", "torchvision", "--recipes", "byol", "--recipe-batch", "4", "--recipe-workers", "0",
-         "--warmup", "1", "--steps", "1", "--repeats", "1", "--view-scale", "0.1", "--baselines", "stock-torchvision"])
+         "--recipe-epochs", "2", "--view-scale", "0.1", "--baselines", "stock-torchvision"])
     rows = throughput.run_recipes(source, args)
     assert [(r["pipeline"], r["status"]) for r in rows] == [("torchvision", "ok"), ("stock-torchvision", "ok")]
+    epoch = len(source) // 4
+    for r in rows:  # each window is one whole epoch
+        assert len(r["windows_s"]) == 2
+        assert r["samples_per_s"] == pytest.approx(4 * epoch / np.median(r["windows_s"]), rel=1e-3)
     stock = rows[1]
     assert stock["baseline"] and stock["speedup_vs_best_baseline"] == pytest.approx(1.0)
     assert rows[0]["speedup_vs_best_baseline"] == pytest.approx(rows[0]["samples_per_s"] / stock["samples_per_s"])
     with pytest.raises(SystemExit):
         throughput.resolve_baselines("stock-ffcv")
+
+
+def test_recipes_skip_data_smaller_than_a_batch(source):
+    args = throughput.get_args_parser().parse_args(["--pipelines", "torchvision", "--recipes", "byol",
+                                                    "--recipe-batch", str(len(source) + 1), "--baselines", "none"])
+    rows = throughput.run_recipes(source, args)
+    assert [(r["recipe"], r["status"]) for r in rows] == [("byol", "skipped")]
+    assert "less than one batch" in rows[0]["reason"]

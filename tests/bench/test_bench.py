@@ -15,7 +15,7 @@ from pipelines.views import CropSpec, ViewSpec
 
 TINY = ["--synthetic-jpegs", "--photos", "12", "--photo-size", "40x30", "--image-size", "16", "--batch-size", "4",
         "--warmup", "0", "--steps", "2", "--repeats", "2", "--workers", "0", "--device", "cpu",
-        "--view-scale", "0.0625", "--recipe-batch", "4", "--recipe-workers", "0"]
+        "--view-scale", "0.0625", "--recipe-batch", "4", "--recipe-workers", "0", "--recipe-epochs", "2"]
 PART_KEYS = {"samples_per_s", "views_per_s", "mpix_per_s", "step_ms", "windows_s"}
 
 
