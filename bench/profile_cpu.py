@@ -1,7 +1,8 @@
-"""Where a sample's CPU time goes in DALI's CPU graph, stage by stage, on one thread.
+"""Where a sample's CPU time goes in DALI's CPU graph or FFCV's compiled stage, stage by stage, on one thread.
 
     python bench/profile_cpu.py                      # the three recipes, 512 photos, batch 64
     python bench/profile_cpu.py --recipes byol --batches 8
+    python bench/profile_cpu.py --pipeline ffcv      # FFCV's stages instead
 
 For each recipe (bench/throughput.py's RECIPES), milliseconds of one core
 per whole sample (all its views), each stage timed on its own:
@@ -18,6 +19,21 @@ per whole sample (all its views), each stage timed on its own:
 
 The stages add up to roughly `graph`; `loader` - `graph` is the copies and
 Python around it. Samples/s on N cores is at most N * 1000 / loader.
+
+With --pipeline ffcv (pipelines/ffcv.py, the same plans):
+
+  plan        the Numba planner (batch plan / B)
+  params      the step's parameter rows written for the compiled stage
+  decode      turbojpeg, once per image, as FFCV's _Decode calls it
+  resize      every view's window resampled as Pillow does (resample_view)
+  colour      pipelines/colour.py's `render` of every resized view (jitter,
+              grayscale, blur, solarize, normalisation to float32)
+  loader      FfcvLoader end to end on one thread over one whole epoch (the
+              compiled stage with its memory reads, the mosaic paste,
+              copies out, Python)
+
+`loader` - (plan + params + decode + resize + colour) is the paste, the
+copies out of FFCV's buffers and FFCV's own machinery.
 """
 from __future__ import annotations
 
@@ -159,9 +175,66 @@ def profile(name, spec, source, batch, batches) -> dict:
     return out
 
 
+def profile_ffcv(name, spec, source, batch, batches) -> dict:
+    from pipelines import ffcv
+
+    out = {}
+    loader = ffcv.FfcvLoader(spec, source, batch_size=batch, workers=1)
+    planner = loader.planner
+    steps = min(batches, len(loader))
+    n = steps * batch
+    out["plan"] = per_sample(lambda: [planner.plan(0, s) for s in range(steps)], n)
+    plans = [planner.plan(0, s) for s in range(steps)]
+    rows = [[loader._view_rows(group.plan(plan), group.augs, plan.index) for group in loader._groups]
+            for plan in plans]
+    out["params"] = per_sample(lambda: [[loader._view_rows(group.plan(plan), group.augs, plan.index)
+                                         for group in loader._groups] for plan in plans], n)
+    files = [source.read_many(plan.index.tolist()) for plan in plans]
+    sizes = [(loader.decoded_h[plan.index], loader.decoded_w[plan.index]) for plan in plans]
+    decoded = [[np.empty(int(h) * int(w) * 3, np.uint8) for h, w in zip(*hw)] for hw in sizes]
+
+    def decode_all():
+        for data_s, hw, out_s in zip(files, sizes, decoded):
+            for data, h, w, image in zip(data_s, *hw, out_s):
+                if ffcv._jpeg_decode(data.ctypes.data, data.size, image.ctypes.data, h, w) != 0:
+                    raise SystemExit("profile: --pipeline ffcv times JPEG files; turbojpeg refused one")
+    out["decode"] = per_sample(decode_all, n)
+    tiles = [[np.empty((group.count, len(plan.index), group.size, group.size, 3), np.uint8)
+              for group in loader._groups] for plan in plans]
+
+    def resize_all():
+        for images, rows_s, tiles_s in zip(decoded, rows, tiles):
+            for group_rows, group_tiles in zip(rows_s, tiles_s):
+                for v in range(group_rows.shape[0]):
+                    for b, image in enumerate(images):
+                        ffcv.resample_view(image, group_rows[v, b], group_tiles[v, b])
+    out["resize"] = per_sample(resize_all, n)
+
+    def colour_all():
+        for rows_s, tiles_s in zip(rows, tiles):
+            for group_rows, group_tiles in zip(rows_s, tiles_s):
+                views = np.empty(group_tiles.shape, np.float32)
+                for v in range(group_rows.shape[0]):
+                    for b in range(group_rows.shape[1]):
+                        colour.render(views[v, b], group_tiles[v, b], group_rows[v, b, ffcv.G_LEN:])
+    out["colour"] = per_sample(colour_all, n)
+
+    def loader_epoch():  # whole: stopping early would wait for the batches FFCV's thread renders ahead
+        loader.epoch, loader.step = 0, 0
+        for _ in loader:
+            pass
+    out["loader"] = per_sample(loader_epoch, len(loader) * batch)
+    loader.close()
+    return out
+
+
+PROFILES = {"dali": profile, "ffcv": profile_ffcv}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipes", default="all", help=f"comma list of {', '.join(RECIPES)} or 'all'")
+    p.add_argument("--pipeline", default="dali", choices=sorted(PROFILES), help="whose stages to time")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--batches", type=int, default=4, help="batches timed per stage")
     p.add_argument("--photos", type=int, default=512)
@@ -175,8 +248,8 @@ def main(argv=None) -> int:
     names = list(RECIPES) if a.recipes == "all" else a.recipes.split(",")
     for name in names:
         spec = RECIPES[name]
-        got = profile(name, spec, source, a.batch_size, a.batches)
-        print(f"\n{name} ({describe(spec)}): ms of one core per sample")
+        got = PROFILES[a.pipeline](name, spec, source, a.batch_size, a.batches)
+        print(f"\n{name} ({describe(spec)}), {a.pipeline}: ms of one core per sample")
         for stage, ms in got.items():
             print(f"  {stage:<11} {ms:7.3f}")
         print(f"  -> at most {1000 / got['loader']:.0f} samples/s per core")
