@@ -147,6 +147,9 @@ def run(argv: list[str]) -> int:
         raise UserError(str(e))
 
     if cfg.sync_bn and world > 1:
+        if device.type != "cuda":  # torch's SyncBatchNorm raises in its first forward on the CPU
+            raise UserError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); "
+                            "drop it on the CPU")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     raw_model = model
     lr = cfg.lr * cfg.batch_size / 256  # linear scaling rule (Goyal et al. 2017)

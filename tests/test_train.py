@@ -161,6 +161,17 @@ def test_two_gloo_processes_keep_identical_parameters(labelled_folder, tmp_path)
     assert digests[0] != digests[-1], "the parameters should change while training"
 
 
+def test_sync_bn_on_the_cpu_is_refused_in_one_line(labelled_folder, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "train.py"), "--method", "simclr", "--pipeline", "torchvision", "--data", str(labelled_folder),
+         "--run-dir", str(tmp_path / "run"), "--epochs", "1", "--knn-every", "0", "--sync-bn", *TINY],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "error: --sync-bn needs CUDA devices" in proc.stderr
+    assert "SyncBatchNorm expected" not in proc.stdout + proc.stderr  # torch's own error, from a forward
+
+
 def test_linear_eval_and_export(labelled_folder, tmp_path):
     run = ["--method", "simclr", "--pipeline", "torchvision", "--data", str(labelled_folder),
            "--run-dir", str(tmp_path / "run"), "--epochs", "1", "--knn-every", "0", *TINY]
