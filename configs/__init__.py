@@ -30,7 +30,7 @@ def get_args_parser(method_defaults: dict | None = None) -> argparse.ArgumentPar
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "fp32"], help="autocast dtype (fp16 uses a GradScaler)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across ranks")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across ranks (CUDA devices only)")
     p.add_argument("--cpu-graph", action="store_true", help="DALI: run the graph on the CPU even with a GPU")
     p.add_argument("--knn-every", type=int, default=1, help="kNN monitor every N epochs (0: never)")
     p.add_argument("--knn-k", type=int, default=200)
