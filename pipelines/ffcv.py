@@ -42,6 +42,7 @@ is frozen into the compiled code (Numba would freeze global arrays).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
@@ -62,6 +63,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+# FFCV's Compiler.set_num_threads(n) sets torch's thread count too, which is
+# process-wide: FFCV calls it on import (n = 1), when a loader is built and
+# from its epoch thread. The model would run on FFCV's thread count, so every
+# call here gives torch its own count back.
+_TORCH_THREADS, _NUMBA_THREADS = torch.get_num_threads(), numba.get_num_threads()
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.rgb_image import IMAGE_MODES
 from ffcv.loader import Loader
@@ -73,6 +79,19 @@ from ffcv.pipeline.operation import Operation
 from ffcv.reader import Reader
 from ffcv.traversal_order.base import TraversalOrder
 from ffcv.writer import DatasetWriter
+
+torch.set_num_threads(_TORCH_THREADS)
+numba.set_num_threads(_NUMBA_THREADS)  # thread-local in Numba: this (importing) thread's
+
+
+@contextlib.contextmanager
+def _torch_threads_kept():
+    """Torch's thread count as it was, whatever FFCV set inside."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 from . import colour
 from .base import PipelineError, PlannedLoader, view_families
@@ -374,6 +393,7 @@ class _Epoch(EpochIterator):
 
     def __init__(self, loader, order, owner, epoch, start):
         self.owner, self.epoch, self.first_step, self.error = owner, epoch, start, None
+        self.torch_threads = torch.get_num_threads()
         super().__init__(loader, order)  # starts the thread
 
     def run(self):
@@ -384,6 +404,8 @@ class _Epoch(EpochIterator):
             self.output_queue.put(None)
 
     def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
+        if torch.get_num_threads() != self.torch_threads:  # FFCV's run() set it to the workers' count
+            torch.set_num_threads(self.torch_threads)
         plan = self.owner.planner.plan(self.epoch, self.first_step + b_ix)
         if not np.array_equal(self.owner._record[plan.index], batch_indices):
             raise RuntimeError(f"ffcv: step {self.first_step + b_ix}'s batch is not the plan's")
@@ -402,7 +424,8 @@ class _FFCVLoader(Loader):
         super().__init__(*args, **kw)
 
     def __iter__(self):
-        Compiler.set_num_threads(self.num_workers)
+        with _torch_threads_kept():
+            Compiler.set_num_threads(self.num_workers)  # FFCV's class-wide count, for this loader's stage
         order = self.traversal_order
         return _Epoch(self, order.sample_order(order.epoch), self.owner, order.epoch, order.start)
 
@@ -461,10 +484,9 @@ class FfcvLoader(PlannedLoader):
         specs["source_index"] = None  # the plan knows every index already
         self._order = _PlanOrder(self.planner, self._record)
         threads = max(1, min(self.workers, numba.config.NUMBA_NUM_THREADS))
-        torch_threads = torch.get_num_threads()
-        self._ffcv = _FFCVLoader(self.path, self.planner.rows, num_workers=threads, order=self._order,
-                                 pipelines=specs, drop_last=False, batches_ahead=self._batches_ahead, owner=self)
-        torch.set_num_threads(torch_threads)  # FFCV sets torch's thread count to its workers'
+        with _torch_threads_kept():
+            self._ffcv = _FFCVLoader(self.path, self.planner.rows, num_workers=threads, order=self._order,
+                                     pipelines=specs, drop_last=False, batches_ahead=self._batches_ahead, owner=self)
         graph = self._ffcv.graph
         self._node = {op: graph.operation_to_node[op][0].id for ops in self._ops for op in ops}
 

@@ -142,6 +142,33 @@ def test_cached_beton_is_reused_until_a_file_changes(mixed, tmp_path):
     assert again == first and again.stat().st_mtime_ns != stamp
 
 
+def test_torch_keeps_its_thread_count(tmp_path):
+    """FFCV sets torch's (process-wide) thread count to its own on import,
+    when a loader is built and from each epoch's thread; the model must keep
+    the count it was given (a fresh process, for the import)."""
+    code = f"""
+import torch, numba
+torch.set_num_threads(3)
+numba.set_num_threads(2)
+import pipelines.ffcv
+assert (torch.get_num_threads(), numba.get_num_threads()) == (3, 2), "import"
+from pipelines import build
+from pipelines.data import open_source
+from pipelines.views import CropSpec, ViewSpec
+from tests.conftest import make_image_folder
+source = open_source(str(make_image_folder(__import__("pathlib").Path({str(tmp_path)!r}) / "img", classes=1,
+                                           per_class=8, size=(20, 16))), cache_dir={str(tmp_path)!r}, progress=False)
+loader = build("ffcv", ViewSpec(crops=(CropSpec("global", 2, 8),)), source, batch_size=2, workers=1,
+               cache_dir={str(tmp_path)!r})
+for epoch in range(2):
+    for views in loader:
+        assert torch.get_num_threads() == 3, ("epoch", epoch)
+print("kept")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "kept" in proc.stdout, proc.stdout + proc.stderr
+
+
 def test_colour_on_the_device_matches_colour_in_the_stage(tmp_path):
     """The GPU path (FFCV resamples, pipelines/colour.py's CUDA kernels
     colour and paste) against the CPU path, in Numba's CUDA simulator."""
