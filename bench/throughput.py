@@ -50,6 +50,7 @@ a failing row prints its error and the run goes on. See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import datetime
 import json
@@ -642,8 +643,9 @@ def run_recipes(source, args) -> list:
         for pipe in pipes:
             print(f"timing recipe {name} ({describe(spec)}): {pipe} on the CPU, batch {batch}, "
                   f"{workers} workers", flush=True)
-            result, err = attempt(f"recipe {name} {pipe}", lambda: time_pipeline(
-                pipe, spec, source, args, batch=batch, workers=workers, device=cpu, cpu_graph=True, timing=timing))
+            result, err = attempt(f"recipe {name} {pipe}", lambda: in_fresh_process(
+                time_pipeline, pipe, spec, source, args, batch=batch, workers=workers, device=cpu, cpu_graph=True,
+                timing=timing))
             row = {"recipe": name, "pipeline": pipe, "spec": describe(spec), "views_per_sample": views_per_sample(spec),
                    "batch_size": batch, "workers": workers, "device": "cpu",
                    "status": "error" if err else "ok", **(result or {})}
@@ -653,8 +655,8 @@ def run_recipes(source, args) -> list:
         for stock in baselines:
             print(f"timing recipe {name} ({describe(spec)}): {stock} on the CPU, batch {batch}, "
                   f"{workers} workers", flush=True)
-            result, err = attempt(f"recipe {name} {stock}", lambda: time_baseline(stock, spec, source, batch=batch,
-                                                                               workers=workers, timing=timing))
+            result, err = attempt(f"recipe {name} {stock}", lambda: in_fresh_process(
+                time_baseline, stock, spec, source, batch=batch, workers=workers, timing=timing))
             row = {"recipe": name, "pipeline": stock, "baseline": True, "spec": describe(spec),
                    "views_per_sample": views_per_sample(spec), "batch_size": batch, "workers": workers,
                    "device": "cpu", "status": "error" if err else "ok", **(result or {})}
@@ -675,6 +677,15 @@ def run_recipes(source, args) -> list:
             ratio = r["speedup_vs_best_baseline"]
             r["meets_target"] = None if ratio is None else ratio >= r["target"]
     return rows
+
+
+def in_fresh_process(fn, *args, **kwargs):
+    """fn(*args, **kwargs) in a new interpreter (spawned; its DataLoader
+    workers allowed): nothing that the pipelines timed before it left behind
+    (threads, thread counts, a fragmented heap) slows it. In one process the
+    same recipe's first epochs ran up to 1.6x slower after other pipelines."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
 
 
 def resolve_baselines(requested: str) -> list:
