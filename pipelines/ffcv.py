@@ -83,6 +83,13 @@ from ffcv.writer import DatasetWriter
 torch.set_num_threads(_TORCH_THREADS)
 numba.set_num_threads(_NUMBA_THREADS)  # thread-local in Numba: this (importing) thread's
 
+from . import colour
+from .base import PipelineError, PlannedLoader, view_families
+from .data import EXIF_ORIENTATION, DataError, Source, cache_root
+from .plan import BatchPlan, CropPlan
+from .views import Views
+from .torchvision import MOSAIC_FILL, decode
+
 
 @contextlib.contextmanager
 def _torch_threads_kept():
@@ -93,12 +100,6 @@ def _torch_threads_kept():
     finally:
         torch.set_num_threads(threads)
 
-from . import colour
-from .base import PipelineError, PlannedLoader, view_families
-from .data import EXIF_ORIENTATION, DataError, Source, cache_root
-from .plan import BatchPlan, CropPlan
-from .views import Views
-from .torchvision import MOSAIC_FILL, decode
 
 BETON_VERSION = 1
 DEFAULT_QUALITY = 90
