@@ -185,10 +185,12 @@ def profile_ffcv(name, spec, source, batch, batches) -> dict:
     n = steps * batch
     out["plan"] = per_sample(lambda: [planner.plan(0, s) for s in range(steps)], n)
     plans = [planner.plan(0, s) for s in range(steps)]
-    rows = [[loader._view_rows(group.plan(plan), group.augs, plan.index) for group in loader._groups]
-            for plan in plans]
-    out["params"] = per_sample(lambda: [[loader._view_rows(group.plan(plan), group.augs, plan.index)
-                                         for group in loader._groups] for plan in plans], n)
+    rows = []  # per plan, per family: float32 [count, B, P_ROW], as the stage receives them
+
+    def param_rows():
+        rows[:] = [[loader._view_rows(group.plan(plan), group.augs, plan.index) for group in loader._groups]
+                   for plan in plans]
+    out["params"] = per_sample(param_rows, n)
     files = [source.read_many(plan.index.tolist()) for plan in plans]
     sizes = [(loader.decoded_h[plan.index], loader.decoded_w[plan.index]) for plan in plans]
     decoded = [[np.empty(int(h) * int(w) * 3, np.uint8) for h, w in zip(*hw)] for hw in sizes]
