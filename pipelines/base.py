@@ -48,7 +48,7 @@ class PlannedLoader(abc.ABC):
         # as data.replacement_image (counted when read; the caller logs and clears).
         self.replaced = []
         labels = getattr(source, "labels", None)
-        self._labels = None if labels is None else torch.as_tensor(np.asarray(labels, np.int64))
+        self._labels = None if labels is None else np.asarray(labels, np.int64)
         mean = torch.tensor(MEAN, dtype=torch.float32) * 255
         std = torch.tensor(STD, dtype=torch.float32) * 255
         self._scale = (1.0 / std).to(self.device)
@@ -126,24 +126,89 @@ class PlannedLoader(abc.ABC):
         return x.to(self.dtype).movedim(-1, -3)
 
     def bookkeeping(self, plan: BatchPlan) -> Views:
-        """Every field of Views except pixels, from the plan."""
-        dev = self.device
-        index = torch.as_tensor(plan.index)
+        """Every field of Views except pixels, from the plan: one upload of
+        host arrays (host_to_device), so a CUDA step waits on no copy."""
         w = self.planner.widths[plan.index]
         h = self.planner.heights[plan.index]
-        views = Views(index=index.to(dev))
+        fields = {"index": plan.index}
         if self._labels is not None:
-            views.labels = self._labels[index].to(dev)
-        views.boxes = {name: torch.as_tensor(cp.boxes(w, h)).to(dev) for name, cp in plan.crops.items()}
+            fields["labels"] = self._labels[plan.index]
+        fields.update({f"boxes.{name}": cp.boxes(w, h) for name, cp in plan.crops.items()})
         if plan.mosaic is not None:
-            views.mosaic_rois = torch.as_tensor(plan.mosaic.rois).to(dev)
-            views.mosaic_src = torch.as_tensor(plan.mosaic.src).to(dev)
-            views.mosaic_weight = torch.as_tensor(plan.mosaic.weight).to(dev)
+            fields.update(mosaic_rois=plan.mosaic.rois, mosaic_src=plan.mosaic.src, mosaic_weight=plan.mosaic.weight)
         if plan.pairs is not None:
-            views.pair_boxes = torch.as_tensor(plan.pairs.boxes).to(dev)
+            fields["pair_boxes"] = plan.pairs.boxes
         if plan.neighbour is not None:
-            views.neighbour = torch.as_tensor(plan.neighbour).to(dev)
+            fields["neighbour"] = plan.neighbour
+        on_device = host_to_device(fields, self.device)
+        views = Views(boxes={name.split(".", 1)[1]: t for name, t in on_device.items() if name.startswith("boxes.")},
+                      **{name: t for name, t in on_device.items() if not name.startswith("boxes.")})
+        if plan.neighbour is not None:  # counted here, so a method can branch on it without reading the device
+            views.neighbours_found = int((plan.neighbour >= 0).sum())
+        views.source_size = len(self.planner.widths)
         return views
+
+
+# -- host arrays to the device without a host sync ----------------------------
+_ALIGN = 16  # every field starts on a 16-byte boundary of the packed buffer (any dtype can view it)
+
+
+def pack(arrays: dict, pinned: bool) -> tuple:
+    """numpy arrays -> (one uint8 tensor holding them all, layout): pinned
+    host memory when `pinned`, so that its copy to a GPU is asynchronous.
+    The caching host allocator keeps a pinned block until the copies that
+    read it have run, so a fresh buffer per step is safe and cheap."""
+    layout, total = {}, 0
+    arrays = {name: np.asarray(a, order="C") for name, a in arrays.items()}  # 0-d stays 0-d
+    for name, a in arrays.items():
+        total = -(-total // _ALIGN) * _ALIGN
+        layout[name] = (total, a.dtype, a.shape)
+        total += a.nbytes
+    buffer = _host_buffer(total, pinned)
+    flat = buffer.numpy()
+    for name, a in arrays.items():
+        offset = layout[name][0]
+        flat[offset:offset + a.nbytes] = a.reshape(-1).view(np.uint8)
+    return buffer, layout
+
+
+def unpack(buffer: torch.Tensor, layout: dict) -> dict:
+    """pack's arrays as tensors viewing `buffer` (on whatever device it is)."""
+    out = {}
+    for name, (offset, dtype, shape) in layout.items():
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        out[name] = buffer[offset:offset + nbytes].view(_TORCH_DTYPES[dtype]).view(shape)
+    return out
+
+
+def host_to_device(arrays: dict, device) -> dict:
+    """numpy arrays as tensors on `device`. The CPU shares their memory; a
+    GPU gets them in one non_blocking copy from pinned memory: a copy from
+    pageable memory would make the host wait for the GPU every step."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return {name: torch.from_numpy(np.asarray(a, order="C")) for name, a in arrays.items()}
+    buffer, layout = pack(arrays, pinned=device.type == "cuda")
+    return unpack(_upload(buffer, device), layout)
+
+
+def upload(array: np.ndarray, device) -> torch.Tensor:
+    """One numpy array onto `device` as host_to_device moves them."""
+    return host_to_device({"array": array}, device)["array"]
+
+
+def _host_buffer(nbytes: int, pinned: bool) -> torch.Tensor:
+    return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pinned)
+
+
+def _upload(buffer: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return buffer.to(device, non_blocking=True)
+
+
+_TORCH_DTYPES = {np.dtype(d): t for d, t in ((np.bool_, torch.bool), (np.uint8, torch.uint8), (np.int8, torch.int8),
+                                              (np.int16, torch.int16), (np.int32, torch.int32),
+                                              (np.int64, torch.int64), (np.float16, torch.float16),
+                                              (np.float32, torch.float32), (np.float64, torch.float64))}
 
 
 @dataclass(frozen=True)

@@ -207,6 +207,11 @@ class Views:
                    b's neighbour, -1 for none; then every per-row field above
                    has 2B rows, rows B..2B-1 the neighbours (the anchor
                    itself where -1), and batch_size stays B
+    neighbours_found: how many anchors have a neighbour (counted on the host
+                   from the plan, so a method can branch on it without a
+                   device read)
+    source_size:   images in the data source (host int), for a method that
+                   keeps a row per image (CLIM's bank)
     """
     crops: dict = field(default_factory=dict)
     boxes: dict = field(default_factory=dict)
@@ -219,6 +224,8 @@ class Views:
     index: Optional[torch.Tensor] = None
     labels: Optional[torch.Tensor] = None
     neighbour: Optional[torch.Tensor] = None
+    neighbours_found: int = 0
+    source_size: int = 0
 
     @property
     def batch_size(self) -> int:
@@ -227,8 +234,8 @@ class Views:
 
     def to(self, device, non_blocking: bool = True) -> "Views":
         def mv(t):
-            if t is None:
-                return None
+            if not isinstance(t, torch.Tensor):
+                return t
             return t.to(device, non_blocking=non_blocking)
         return Views(
             crops={k: mv(v) for k, v in self.crops.items()},
