@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipelines.base import upload
+
 
 # ----------------------------------------------------------------------------- distributed
 def world_info() -> tuple[int, int]:
@@ -118,7 +120,7 @@ class ShuffleBN(nn.Module):
         """The next permutation of n rows (on the CPU, then moved: small)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.draws)
         self.draws += 1
-        return torch.randperm(n, generator=g).to(device)
+        return upload(torch.randperm(n, generator=g).numpy(), device)
 
     @torch.no_grad()
     def forward(self, encode, x: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipelines.base import upload
 from pipelines.views import MOCOV2_AUG, CropSpec, ViewSpec, Views
 
 from ..backbones import build_backbone
@@ -115,9 +116,9 @@ def cutmix(x: torch.Tensor, other: torch.Tensor, has: torch.Tensor, alpha: float
     (mixed batch, lambda [B] = the fraction of pixels still the anchor's)."""
     b, _, h, w = x.shape
     dev = x.device
-    lam = torch.from_numpy(rng.beta(alpha, alpha, b)).float().to(dev)
+    lam, cx, cy = upload(np.stack([rng.beta(alpha, alpha, b), rng.random(b) * w, rng.random(b) * h]).astype(np.float32),
+                         dev)  # one pinned, non_blocking copy
     cut = (1 - lam).sqrt()
-    cx, cy = (torch.from_numpy(rng.random(b) * n).float().to(dev) for n in (w, h))
     x0, x1 = (cx - cut * w / 2).round().clamp(0, w), (cx + cut * w / 2).round().clamp(0, w)
     y0, y1 = (cy - cut * h / 2).round().clamp(0, h), (cy + cut * h / 2).round().clamp(0, h)
     xs, ys = torch.arange(w, device=dev), torch.arange(h, device=dev)
@@ -205,12 +206,13 @@ class CLIM(nn.Module):
         return momentum_key(self.key_backbone, self.key_projector, x, self.shuffle_bn)  # B x proj_dim
 
     @torch.no_grad()
-    def _remember(self, index: torch.Tensor, keys: torch.Tensor) -> None:
+    def _remember(self, index: torch.Tensor, keys: torch.Tensor, images: int) -> None:
+        """Row index[i] of the bank takes keys[i]; the bank holds a row for
+        each of the source's `images` (a host count: no device read)."""
         with torch.autocast(keys.device.type, enabled=False):
             index, keys = concat_all_gather(index.to(keys.device)), concat_all_gather(keys.float())
-            n = int(index.max()) + 1  # grow to the largest index seen, in steps of 1024 rows
-            if n > self.memory.shape[0]:
-                grow = -(-n // 1024) * 1024 - self.memory.shape[0]
+            if images > self.memory.shape[0]:  # in steps of 1024 rows
+                grow = -(-images // 1024) * 1024 - self.memory.shape[0]
                 self.memory = torch.cat([self.memory, self.memory.new_zeros(grow, keys.shape[1])])
                 self.filled = torch.cat([self.filled, self.filled.new_zeros(grow)])
             self.memory[index] = keys.to(self.memory.dtype)
@@ -256,9 +258,9 @@ class CLIM(nn.Module):
         loss = sum(terms) / len(terms)
         metrics = {"acc": acc.detach()}
         if self.training:
-            self._remember(views.index[:b], k1)
-        has = views.neighbour >= 0 if views.neighbour is not None else None
-        if has is not None and bool(has.any()):  # no table yet (first epoch): nothing to mix
+            self._remember(views.index[:b], k1, views.source_size)
+        if views.neighbours_found:  # none before the first table (first epoch): nothing to mix
+            has = views.neighbour >= 0
             rng = np.random.default_rng([self.seed, self._draws])
             self._draws += 1
             mixed, lam = cutmix(x0, x0_all[b:], has, self.mix_alpha, rng)  # lam = 1 where there is no neighbour

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from pipelines.views import BYOL_AUG_1, BYOL_AUG_2, CropSpec, ViewSpec, Views
 
 from ..backbones import RFResNetBackbone, build_backbone
-from ..common import byol_loss, copy_as_target, ema_update
+from ..common import byol_loss, copy_as_target, cosine_momentum, ema_update
 from ..heads import ConvMLP
 from .byol import BYOL
 
@@ -112,4 +112,4 @@ class COSSL(BYOL):
     @torch.no_grad()
     def step_end(self, progress: float) -> None:
         super().step_end(progress)  # tau, target backbone and projector
-        ema_update(self.target_local_projector, self.local_projector, float(self.tau))
+        ema_update(self.target_local_projector, self.local_projector, cosine_momentum(self.base_ema, progress))

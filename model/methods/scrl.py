@@ -69,9 +69,8 @@ class SCRL(BYOL):
     def rois(pair_boxes: torch.Tensor, batch: int) -> torch.Tensor:
         """[2, P, 5] per-view boxes -> [2P, 5] RoIs on the stacked batch
         [view 0; view 1]: view 1's batch indices move up by B."""
-        shift = torch.tensor([[0.0], [float(batch)]], device=pair_boxes.device, dtype=pair_boxes.dtype)
         r = pair_boxes.clone()
-        r[:, :, 0] += shift
+        r[1, :, 0] += batch
         return r.reshape(-1, 5)  # 2P x 5: the P boxes in view 0, then the same P boxes in view 1
 
     def _project_boxes(self, fmap: torch.Tensor, rois: torch.Tensor, target: bool) -> torch.Tensor:

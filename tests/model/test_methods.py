@@ -46,9 +46,11 @@ def make_views(spec: ViewSpec, batch: int, seed: int = 0) -> Views:
         crops[c.name] = torch.randn(c.count, rows, c.size, c.size, 3, generator=g).permute(0, 1, 4, 2, 3)
         boxes[c.name] = torch.rand(c.count, rows, 5, generator=g)
     index = torch.arange(batch)
-    views = Views(crops=crops, boxes=boxes, index=index, labels=torch.zeros(rows, dtype=torch.long))
+    views = Views(crops=crops, boxes=boxes, index=index, labels=torch.zeros(rows, dtype=torch.long),
+                  source_size=batch)
     if spec.neighbours:
         views.neighbour = torch.where(index % 3 == 0, -1, (index + 1) % batch)
+        views.neighbours_found = int((views.neighbour >= 0).sum())
         views.index = torch.cat([index, torch.where(views.neighbour >= 0, views.neighbour, index)])
     if spec.original is not None:
         s = spec.original.size

@@ -152,8 +152,11 @@ def test_clim_mixed_loss_without_mixing_is_info_nce(with_queue):
 
 
 def test_clim_memory_grows_and_the_table_reloads():
+    """The bank holds a row per source image (the host's count, rounded up
+    to 1024 rows: no device read to size it)."""
     _, model, views = build("clim")
     views.index = torch.cat([torch.tensor([3, 1500, 7, 9, 11, 13, 15, 17]), views.index[8:]])
+    views.source_size = 1501
     model(views)
     assert model.memory.shape[0] == 2048 and int(model.filled.sum()) == 8
     torch.testing.assert_close(model.memory[1500].float().norm(), torch.tensor(1.0), atol=1e-3, rtol=0)
@@ -186,7 +189,7 @@ def test_clim_mixes_each_anchor_with_its_neighbour_row(monkeypatch):
     x, other, has = calls[0]
     assert torch.equal(x, views.crops["global"][0][:b]) and torch.equal(other, views.crops["global"][0][b:])
     assert torch.equal(has, views.neighbour >= 0) and metrics["mixed"] == (views.neighbour >= 0).float().mean()
-    views.neighbour = torch.full_like(views.neighbour, -1)
+    views.neighbour, views.neighbours_found = torch.full_like(views.neighbour, -1), 0  # as bookkeeping counts them
     _, metrics = model(views)
     assert len(calls) == 1 and "mix_loss" not in metrics
 
