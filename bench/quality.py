@@ -63,6 +63,7 @@ import torch  # noqa: E402
 
 from bench.throughput import cpu_count, environment, short_error, split  # noqa: E402
 from model import evaluation  # noqa: E402
+from model.precision import AMP_CHOICES, resolve_amp  # noqa: E402
 
 # What each budget passes to train.py, how much of each split the kNN reads
 # (0: all of it), and every how many steps the curve gets a point.
@@ -91,7 +92,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--knn-t", type=float, default=KNN_T)
     p.add_argument("--workers", type=int, default=None, help="train.py --workers and eval workers (all cores)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="autocast dtype, as train.py")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--curve-every", type=int, default=None,
                    help="also kNN the checkpoint of every N-th step: a learning curve per method "
@@ -308,6 +309,8 @@ def main(argv: list | None = None) -> int:
     bank_n = budget["bank"] if args.bank is None else args.bank
     query_n = budget["queries"] if args.queries is None else args.queries
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.amp, amp_reason = resolve_amp(args.amp, device)  # train.py's runs get the resolved value too
+    print(f"amp {args.amp} ({amp_reason})", flush=True)
     env = environment(device, argv, "bench/quality.py")
     t_start = time.perf_counter()
 

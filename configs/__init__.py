@@ -17,6 +17,7 @@ CONFIGS = Path(__file__).resolve().parent
 
 def get_args_parser(method_defaults: dict | None = None) -> argparse.ArgumentParser:
     from model.methods import METHODS
+    from model.precision import AMP_CHOICES
     import pipelines
     p = argparse.ArgumentParser(description="Self-supervised pre-training (viewforge)", add_help=True)
     default_pipeline = "dali" if "dali" in pipelines.PIPELINES else "torchvision"
@@ -28,7 +29,9 @@ def get_args_parser(method_defaults: dict | None = None) -> argparse.ArgumentPar
     p.add_argument("--workers", type=int, default=2, help="pipeline worker threads/processes per rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "fp32"], help="autocast dtype (fp16 uses a GradScaler)")
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                   help="autocast dtype (fp16 uses a GradScaler); auto: bf16 where the GPU or CPU computes it "
+                        "natively, fp16 on older GPUs, else fp32 (model/precision.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across ranks (CUDA devices only)")
     p.add_argument("--cpu-graph", action="store_true", help="DALI: run the graph on the CPU even with a GPU")
