@@ -40,15 +40,17 @@ import yaml  # noqa: E402
 
 from configs import apply_small_profile, resolve_config, rules  # noqa: E402,F401 (tests and bench import them here)
 from model import checkpoints, evaluation  # noqa: E402
-from model.distributed import (LaunchError, init_distributed, is_main, log, parameter_digest,  # noqa: E402,F401
-                               stop_requested, summed_over_ranks)
+from model.distributed import (LaunchError, StopVote, init_distributed, is_main, log,  # noqa: E402,F401
+                               parameter_digest, summed_over_ranks)
 from model.optim import build_optimizer, cosine_schedule, schedule_steps  # noqa: E402
+from model.precision import resolve_amp  # noqa: E402
+from model.step import TrainStep, WaitClock  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 # Flags that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "linear_epochs", "pipeline", "workers", "knn_every", "log_every",
                      "ckpt_every", "keep_every", "tensorboard", "log_samples", "stop_after", "eval", "export", "compile",
-                     "cpu_graph", "device", "run_dir", "data_changed"}
+                     "cpu_graph", "device", "run_dir", "data_changed", "amp_reason"}
 
 
 class UserError(Exception):
@@ -111,6 +113,7 @@ def run(argv: list[str]) -> int:
     cfg, explicit = resolve_config(argv)
     rules.check(cfg)
     rank, world, device = init_distributed(cfg.device)
+    cfg.amp, cfg.amp_reason = resolve_amp(cfg.amp, device)  # config.yaml keeps both
     torch.manual_seed(cfg.seed)
     train_src, test_src = open_data(cfg, rank, world)
     changed = apply_small_profile(cfg, explicit, float(np.median(np.minimum(train_src.widths, train_src.heights))),
@@ -212,17 +215,16 @@ def run(argv: list[str]) -> int:
                                                                      if device.type == "cuda" else {}))
     if cfg.compile:
         model = torch.compile(model)
+    train_step = TrainStep(raw_model, optimizer, scaler, evaluation.autocast(device, cfg.amp), lr_schedule,
+                           forward=model)
 
     # A NaN or inf loss is noted on the device (no sync per step) and looked at
     # before every log line and checkpoint, so no checkpoint follows a bad step.
-    first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
-    last_finite = torch.zeros((), dtype=torch.float32, device=device)
-
     def stop_if_nonfinite():
-        bad = int(first_bad_step)
-        if bad >= 0:
-            raise NonFiniteLoss(f"loss is not finite (nan or inf) at step {bad}; last finite loss "
-                                f"{float(last_finite):.6g} at step {bad - 1}; stopping without a checkpoint "
+        bad = train_step.first_nonfinite()
+        if bad is not None:
+            raise NonFiniteLoss(f"loss is not finite (nan or inf) at step {bad[0]}; last finite loss "
+                                f"{bad[1]:.6g} at step {bad[0] - 1}; stopping without a checkpoint "
                                 f"(the last one in {run_dir} is from before that step)")
 
     def checkpoint():
@@ -245,12 +247,14 @@ def run(argv: list[str]) -> int:
 
     log(f"{cfg.method} on {cfg.pipeline} ({device}, {world} process{'es' if world > 1 else ''}): "
         f"{len(train_src)} images, {steps_per_epoch} steps/epoch, {cfg.epochs} epochs, batch {cfg.batch_size}, "
-        f"lr {lr:g}, {cfg.arch}{' small stem' if cfg.small_stem else ''}, {cfg.image_size} px, amp {cfg.amp}")
+        f"lr {lr:g}, {cfg.arch}{' small stem' if cfg.small_stem else ''}, {cfg.image_size} px, "
+        f"amp {cfg.amp} ({cfg.amp_reason})")
     from tqdm import tqdm
-    autocast = evaluation.autocast(device, cfg.amp)
     steps_this_process = 0
     model.train()
     stop = checkpoints.StopSignals().__enter__()  # SIGTERM / SIGINT: finish the step, checkpoint, exit 75 (main restores)
+    stop_requested = StopVote(stop)  # under DDP all ranks agree, a step later, without a device sync
+    clock = WaitClock()  # seconds blocked in next(loader): is the run input-bound?
     while global_step < total_steps:
         epoch = loader.epoch
         if hasattr(raw_model, "neighbour_table"):  # CLIM: this epoch's plans fetch the neighbours it names
@@ -258,19 +262,8 @@ def run(argv: list[str]) -> int:
         bar = tqdm(total=steps_per_epoch, initial=loader.step, desc=f"epoch {epoch}", unit="step",
                    disable=not is_main(), dynamic_ncols=True, leave=False)
         t_last, seen = time.perf_counter(), 0
-        for views in loader:
-            for group in optimizer.param_groups:
-                group["lr"] = float(lr_schedule[global_step]) * group.get("lr_scale", 1.0)
-            with autocast:
-                loss, metrics = model(views)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            finite = torch.isfinite(loss.detach()).all()
-            first_bad_step.copy_(torch.where(finite | (first_bad_step >= 0), first_bad_step, global_step + 1))
-            last_finite.copy_(torch.where(finite & (first_bad_step < 0), loss.detach().float(), last_finite))
-            raw_model.step_end((global_step + 1) / total_steps)
+        for views in clock.batches(loader):
+            loss, metrics = train_step(views, global_step)
             global_step += 1
             steps_this_process += 1
             seen += views.batch_size * world
@@ -289,10 +282,11 @@ def run(argv: list[str]) -> int:
                           "lr": float(lr_schedule[global_step - 1]), "img_s": seen / (now - t_last)}
                 record.update({k: float(v) for k, v in metrics.items()})
                 t_last, seen = now, 0
-                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_s']:.0f}")
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_s']:.0f}",
+                                wait=f"{clock.share:.0%}")
                 write_log(record)
                 stop_if_nonfinite()
-            stopping = stop_requested(stop)
+            stopping = stop_requested()
             if stopping or any(every and global_step % every == 0 for every in (cfg.ckpt_every, cfg.keep_every)):
                 checkpoint()
             if stopping:
@@ -307,6 +301,7 @@ def run(argv: list[str]) -> int:
             if global_step >= total_steps and loader.step < steps_per_epoch:
                 break  # a step budget that ends mid-epoch
         bar.close()
+        write_log({"step": global_step, "epoch": epoch, **clock.reset()})  # this process's data wait, the epoch's
         replaced = summed_over_ranks(len(loader.replaced), device)
         if replaced:
             example = f" (e.g. {train_src.paths[loader.replaced[0]]})" if loader.replaced else ""

@@ -76,6 +76,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import pipelines  # noqa: E402
+from model.precision import AMP_CHOICES, resolve_amp  # noqa: E402
 from pipelines.views import (BYOL_AUG_1, BYOL_AUG_2, CropSpec, MosaicSpec, ViewSpec)  # noqa: E402
 
 PHOTO_SIZE = (500, 375)  # ImageNet's most common size
@@ -127,7 +128,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (GPU 10, CPU 2)")
     p.add_argument("--steps", type=int, default=None, help="steps per timed window (GPU 20, CPU 4)")
     p.add_argument("--repeats", type=int, default=None, help="timed windows; the median is reported (GPU 5, CPU 3)")
-    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "fp32"], help="autocast dtype, as train.py")
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="autocast dtype, as train.py")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (warm-up covers compilation)")
     p.add_argument("--cpu-graph", action="store_true", help="DALI: run the graph on the CPU even with a GPU")
     p.add_argument("--epochs-rss", type=int, default=5, help="epochs over which host RSS is recorded (0: skip)")
@@ -390,45 +391,57 @@ def load_method(name: str, args) -> tuple:
 
 
 class Trainer:
-    """train.py's step, trimmed (no logging, checkpoints or lr schedule):
-    autocast forward, zero_grad, (scaled) backward, optimizer step, step_end."""
+    """train.py's step (model/step.py's TrainStep: autocast forward, zero_grad,
+    (scaled) backward, optimizer step, step_end) at a constant learning rate,
+    without logging or checkpoints."""
 
     def __init__(self, method_cls, cfg, device: torch.device, nominal_steps: int):
         from model import evaluation
         from model.optim import build_optimizer
+        from model.step import TrainStep
         torch.manual_seed(cfg.seed)
         self.model = method_cls(cfg).to(device, memory_format=torch.channels_last)
         self.model.train()
         lr = getattr(cfg, "lr", 0.03) * cfg.batch_size / 256
-        self.optimizer = build_optimizer(cfg, self.model, lr)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-        self.autocast = evaluation.autocast(device, cfg.amp)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
-        self.done, self.nominal_steps = 0, max(1, nominal_steps)
+        optimizer = build_optimizer(cfg, self.model, lr)
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.train_step = TrainStep(self.model, optimizer, scaler, evaluation.autocast(device, cfg.amp),
+                                    np.full(max(1, nominal_steps), lr),
+                                    forward=torch.compile(self.model) if cfg.compile else self.model)
+        self.done = 0
 
     def step(self, views) -> None:
-        with self.autocast:
-            loss, _ = self.forward(views)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.train_step(views, min(self.done, self.train_step.total_steps - 1))
         self.done += 1
-        self.model.step_end(min(1.0, self.done / self.nominal_steps))
 
 
 def time_training(trainer: Trainer, loader_name, spec, source, args, device, cpu_graph=False) -> dict:
+    """Rates of the loop's step fed by a pipeline, and the share of each
+    window the step spent blocked on the next batch (model/step.py's WaitClock)."""
+    from model.step import WaitClock
     loader = build_loader(loader_name, spec, source, args, batch=args.batch_size, workers=args.workers,
                           device=device, cpu_graph=cpu_graph)
-    it = endless(loader)
+    clock = WaitClock()
+    it = clock.batches(endless(loader))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    shares, calls = [], [0]
+
+    def step():  # the clock's windows follow time_windows': the warm-up, then each timed window
+        trainer.step(next(it))
+        calls[0] += 1
+        timed = calls[0] - args.warmup
+        if timed == 0:
+            clock.reset()
+        elif timed > 0 and timed % args.steps == 0:
+            shares.append(clock.reset()["wait_share"])
     try:
-        windows = time_windows(lambda: trainer.step(next(it)), device, args.warmup, args.steps, args.repeats)
+        windows = time_windows(step, device, args.warmup, args.steps, args.repeats)
     finally:
         it.close()
         loader.close()
     out = rates(windows, args.batch_size, args.steps, spec)
+    out["wait_share"] = statistics.median(shares) if shares else None
     if device.type == "cuda":
         out["gpu_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     return out
@@ -771,9 +784,10 @@ def _f(x, fmt="{:.1f}", none="-"):
 
 def format_main(rows: list) -> str:
     head = (f"{'method':<10} {'pipeline':<12} {'views':<26} {'pipeline':>9} {'views/s':>9} {'model':>9} "
-            f"{'end2end':>9} {'e2e/model':>9} {'vs tv':>7}")
-    lines = ["", "samples/s (a sample = one source image and all its views); vs tv: pipeline-only speed-up "
-             "over torchvision, same workers", head, "-" * len(head)]
+            f"{'end2end':>9} {'e2e/model':>9} {'wait':>6} {'vs tv':>7}")
+    lines = ["", "samples/s (a sample = one source image and all its views); wait: share of the end-to-end steps "
+             "spent blocked on the next batch; vs tv: pipeline-only speed-up over torchvision, same workers",
+             head, "-" * len(head)]
     for r in rows:
         if r["status"] == "skipped" or "pipeline_only" not in r:
             what = r.get("method") or r.get("pipeline")
@@ -782,7 +796,8 @@ def format_main(rows: list) -> str:
         po, mo, ee = r["pipeline_only"], r["model_only"], r["end_to_end"]
         lines.append(f"{r['method']:<10} {r['pipeline']:<12} {r['spec']:<26} {_f(_sps(po)):>9} "
                      f"{_f(po and po['views_per_s']):>9} {_f(_sps(mo)):>9} {_f(_sps(ee)):>9} "
-                     f"{_f(r['e2e_over_model'], '{:.2f}'):>9} {_f(r['speedup_vs_torchvision'], '{:.2f}x'):>7}")
+                     f"{_f(r['e2e_over_model'], '{:.2f}'):>9} {_f(ee and ee.get('wait_share'), '{:.0%}'):>6} "
+                     f"{_f(r['speedup_vs_torchvision'], '{:.2f}x'):>7}")
         for part, err in r["errors"].items():
             lines.append(f"{'':<23} {part} failed: {err}")
     return "\n".join(lines)
@@ -949,6 +964,7 @@ def main(argv: list | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.device_type = device.type
     device_defaults(args, device)
+    args.amp, amp_reason = resolve_amp(args.amp, device)
     env = environment(device, argv)
     parts = set(split(args.parts))
     unknown = parts - {"pipeline", "model", "e2e", "recipes", "rss"}
@@ -964,13 +980,15 @@ def main(argv: list | None = None) -> int:
         print(f"error: unknown --sweep {', '.join(bad)}; choose from {', '.join(SWEEPS)}", file=sys.stderr)
         return 2
     print(f"viewforge throughput on {env['device_name']} ({env['cpu_count']} CPUs, torch {torch.__version__}, "
-          f"DALI {env['versions']['dali']}), results under {args.out or 'bench/results/' + env['slug']}")
+          f"DALI {env['versions']['dali']}), amp {args.amp} ({amp_reason}), "
+          f"results under {args.out or 'bench/results/' + env['slug']}")
     source, data = prepare_data(args)
     print(f"data: {data['count']} {data['kind']} from {data['path']}")
     settings = {k: getattr(args, k) for k in ("arch", "image_size", "batch_size", "workers", "warmup", "steps",
                                               "repeats", "amp", "compile", "cpu_graph", "methods", "pipelines",
                                               "epochs_rss", "seed", "view_scale", "recipe_batch", "recipe_workers",
                                               "recipe_epochs", "photos", "photo_size", "rss_images")}
+    settings["amp_reason"] = amp_reason
     result = {"environment": env, "settings": settings, "data": data}
     if sweeps:
         result["sweeps"] = {}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.conftest import make_image_folder
 
@@ -45,6 +46,18 @@ def test_one_epoch_prints_knn(labelled_folder, tmp_path, method):
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["step"] == 6  # 48 images // batch 8
     assert ckpt["config"]["method"] == method
+    # --amp auto: the choice and its reason in the start line, config.yaml and the checkpoint
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config["amp"] in ("bf16", "fp32")
+    assert config["amp_reason"].startswith("auto: ") and "CPU" in config["amp_reason"]
+    assert f"amp {config['amp']} ({config['amp_reason']})" in proc.stdout
+    assert ckpt["config"]["amp"] == config["amp"]
+    # the epoch's data wait: seconds blocked in next(loader) against whole steps
+    waits = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+             if "data_wait_s" in line]
+    assert len(waits) == 1 and waits[0]["steps"] == 6 and waits[0]["epoch"] == 0
+    assert 0 < waits[0]["data_wait_s"] < waits[0]["step_s"]
+    assert waits[0]["wait_share"] == pytest.approx(waits[0]["data_wait_s"] / waits[0]["step_s"], abs=1e-3)
 
 
 def test_anchor_is_logged_once_and_survives_a_resume(labelled_folder, tmp_path):
