@@ -2,14 +2,25 @@
 
 A pipeline subclasses `PlannedLoader` and implements `_render(epoch, start)`,
 a generator of `Views` for steps start, start+1, ... of `epoch`, rendered
-from `self.planner.plan(epoch, step)`. Iteration, `len`, mid-epoch
+from `self.planner.plan(epoch, step)`, and `close()`, which ends whatever
+it started (workers, threads, graphs). Iteration, `len`, mid-epoch
 `state_dict()` / `load_state_dict()` and every non-pixel field of `Views`
 (boxes, RoIs, indices, labels) live here, written once.
+
+A loader is a context manager, and is also closed when it is garbage
+collected and at interpreter exit, so that nothing it started outlives
+the process, however the caller stops:
+
+    with pipelines.build("torchvision", spec, source, batch_size=64) as loader:
+        for views in loader:
+            ...
 """
 from __future__ import annotations
 
 import abc
+import atexit
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -22,6 +33,18 @@ from .views import MEAN, STD, ViewSpec, Views
 
 class PipelineError(ValueError):
     """A pipeline cannot serve a request (shown to the user as-is, exit 2)."""
+
+
+_OPEN = weakref.WeakSet()  # loaders not closed yet: interpreter exit closes them
+
+
+@atexit.register
+def close_all() -> None:
+    for loader in list(_OPEN):
+        try:
+            loader.close()
+        except Exception:  # exiting: one loader's failure must not keep the others open
+            pass
 
 
 class PlannedLoader(abc.ABC):
@@ -54,6 +77,7 @@ class PlannedLoader(abc.ABC):
         self._scale = (1.0 / std).to(self.device)
         self._shift = (-mean / std).to(self.device)
         self._rows = {}  # image width -> (shift, scale) tiled over a row of W*C values
+        _OPEN.add(self)
 
     # -- the loader protocol -------------------------------------------------
     def __len__(self) -> int:
@@ -103,7 +127,22 @@ class PlannedLoader(abc.ABC):
         self.planner.set_neighbours(table)
 
     def close(self) -> None:
-        """Release workers or graphs (idempotent)."""
+        """End the workers, threads or graphs this loader started (idempotent;
+        a subclass's close calls this one)."""
+        _OPEN.discard(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
     @abc.abstractmethod
     def _render(self, epoch: int, start: int) -> Iterator[Views]:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 
 from .torchvision import decode
+from .workers import batches, worker_init_fn
 from .views import MEAN, STD
 
 
@@ -36,9 +37,9 @@ def eval_batches(source, size: int, batch_size: int, device, workers: int = 2, r
     rank r gets samples r, r + world_size, ... so the ranks together see each sample once."""
     indices = np.arange(rank, len(source), world_size)
     loader = DataLoader(_Eval(source, indices, size), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=torch.device(device).type == "cuda")
+                        pin_memory=torch.device(device).type == "cuda", worker_init_fn=worker_init_fn())
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
-    for pixels, idx in loader:
+    for pixels, idx in batches(loader):  # its workers stop when this generator ends, however it ends
         x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
         yield (x - mean) / std, idx

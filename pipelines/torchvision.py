@@ -9,7 +9,6 @@ benchmarked against.
 from __future__ import annotations
 
 import io
-import signal
 import warnings
 
 import numpy as np
@@ -19,7 +18,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import InterpolationMode
 
-from . import colour
+from . import colour, workers
 from .base import PlannedLoader
 from .data import replacement_image
 from .plan import BatchPlan, CropPlan, Planner
@@ -180,39 +179,40 @@ class TorchvisionLoader(PlannedLoader):
     def __init__(self, spec, source, **kw):
         super().__init__(spec, source, **kw)
         self._render_from = (0, 0)
-        # Each worker renders whole steps; torch's own threads would only
-        # fight the workers for the cores.
+        # Each worker renders whole steps (pipelines/workers.py: one torch
+        # thread each, signals left to the main process, gone with it).
         self._loader = DataLoader(
             _Steps(self.planner, source), batch_size=None, sampler=_StepOrder(self),
             # persistent workers would keep the planner (and its neighbour table) of their first epoch
             num_workers=self.workers, persistent_workers=self.workers > 0 and not spec.neighbours,
             prefetch_factor=2 if self.workers > 0 else None,
-            pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init)
+            pin_memory=self.device.type == "cuda", worker_init_fn=workers.worker_init_fn())
 
     def _render(self, epoch, start):
         self._render_from = (epoch, start)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pin_memory.*")
-            for plan, pixels in self._loader:
-                self.replaced += pixels["replaced"]
-                views = self.bookkeeping(plan)
-                views.crops = {k: self.normalize(v) for k, v in pixels["crops"].items()}
-                if "original" in pixels:
-                    views.original = self.normalize(pixels["original"])
-                if "mosaic" in pixels:
-                    views.mosaic = self.normalize(pixels["mosaic"])
-                yield views
+            it = workers.track(iter(self._loader))  # persistent workers: the same iterator every epoch
+            try:
+                yield from self._views(it)
+            finally:
+                if not self._loader.persistent_workers:  # else kept for the next epoch, stopped by close()
+                    workers.stop(it)
+
+    def _views(self, it):
+        for plan, pixels in it:
+            self.replaced += pixels["replaced"]
+            views = self.bookkeeping(plan)
+            views.crops = {k: self.normalize(v) for k, v in pixels["crops"].items()}
+            if "original" in pixels:
+                views.original = self.normalize(pixels["original"])
+            if "mosaic" in pixels:
+                views.mosaic = self.normalize(pixels["mosaic"])
+            yield views
 
     def close(self):
-        it = getattr(self._loader, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-        self._loader._iterator = None
-
-
-def _worker_init(_):
-    torch.set_num_threads(1)
-    # The main process turns SIGTERM / SIGINT into a checkpoint and a clean
-    # exit (train.py); a worker that died of it would fail the step instead.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+        loader = getattr(self, "_loader", None)  # None when __init__ failed before making it
+        if loader is not None:
+            workers.stop(getattr(loader, "_iterator", None))
+            loader._iterator = None
+        super().close()
