@@ -14,16 +14,20 @@ that says how many steps will be trained again. If files exist but none is
 usable, it raises: a run never starts over silently.
 
 Exit codes of train.py: 0 done, 2 bad input (a flag, the data, no usable
-checkpoint, a full disk), 3 a NaN or inf loss, 75 stopped by SIGTERM or
-SIGINT after writing a checkpoint (EX_TEMPFAIL: run the same command again).
+checkpoint, a full disk, a run directory another process writes), 3 a NaN
+or inf loss, 75 stopped by SIGTERM or SIGINT (EX_TEMPFAIL: run the same
+command again; a checkpoint was written when there was training to keep).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -57,26 +61,35 @@ def save(run_dir: Path, state: dict) -> Path:
     """Write `state` as run_dir/checkpoint.pth, keeping the last one as checkpoint.prev.pth."""
     run_dir = Path(run_dir)
     path = run_dir / CURRENT
-    # Serialised in memory first: torch.save streaming into a file turns a
-    # failed write (ENOSPC) into an opaque RuntimeError; a plain write keeps the errno.
-    buffer = io.BytesIO()
-    torch.save({**state, "format": FORMAT}, buffer)
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".checkpoint.", suffix=".tmp", dir=run_dir)
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            os.replace(path, run_dir / PREVIOUS)
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(run_dir)
+        return save_file({**state, "format": FORMAT}, path, previous=run_dir / PREVIOUS)
     except OSError as e:
         kept = [p.name for p in (path, run_dir / PREVIOUS) if p.exists()]
         raise CheckpointError(f"could not write a checkpoint in {run_dir}: {e.strerror or e}; "
                               + (f"{' and '.join(kept)} there are intact" if kept else "no checkpoint was there yet"))
+
+
+def save_file(obj, path: Path, previous: Path | None = None) -> Path:
+    """torch.save `obj` as `path` atomically: a temporary file beside it,
+    fsynced, renamed into place (the file there before moves to `previous`
+    when given), the folder fsynced. Raises OSError, with its errno."""
+    path = Path(path)
+    # Serialised in memory first: torch.save streaming into a file turns a
+    # failed write (ENOSPC) into an opaque RuntimeError; a plain write keeps the errno.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(path.parent)
     finally:
         if tmp is not None:
             try:
@@ -147,28 +160,60 @@ def load(run_dir: Path, method: str | None = None, device="cpu", warn=_warn) -> 
     return None, None
 
 
+class Stopped(Exception):
+    """A stop signal where nothing is left to finish: the run ends with one
+    line and EXIT_PREEMPTED. args[0] is the signal's name."""
+
+
 class StopSignals:
-    """While active, SIGTERM and SIGINT only set `received`: the training loop
-    finishes its step, writes a checkpoint and exits with EXIT_PREEMPTED.
-    A second signal stops at once (KeyboardInterrupt)."""
+    """SIGTERM and SIGINT for a whole run (the handlers of every instance
+    still active are put back by `restore_all`, train.main's cleanup).
+
+    Outside a `deferred()` block, and inside an `abandon()` block within
+    one, a signal raises Stopped at once, wherever the main thread is:
+    building the index, the kNN evaluation, a linear probe, an export
+    (there is no step to finish). Inside `deferred()`, the training loop,
+    it only sets `received`: the loop finishes the step, writes a
+    checkpoint and exits with EXIT_PREEMPTED. A second signal raises
+    Stopped even there."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
     active: list = []
 
     @classmethod
     def restore_all(cls) -> None:
-        """Put back the handlers of every instance still active (train.main's cleanup)."""
         while cls.active:
             cls.active[-1].__exit__()
 
     def __init__(self):
         self.received: str | None = None
+        self._defer = []  # innermost block last: True defers, False abandons
         self._old = {}
 
     def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        first = self.received is None
+        self.received = self.received or name
+        if not (first and self._defer and self._defer[-1]):
+            raise Stopped(name)
+
+    @contextlib.contextmanager
+    def _mode(self, defer: bool):
+        self._defer.append(defer)
+        try:
+            yield self
+        finally:
+            self._defer.pop()
+
+    def deferred(self):
+        """A block where the first signal only sets `received`."""
+        return self._mode(True)
+
+    def abandon(self):
+        """A block, inside a deferred one, that a signal ends at once (Stopped)."""
         if self.received is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
-        self.received = signal.Signals(signum).name
+            raise Stopped(self.received)
+        return self._mode(False)
 
     def __enter__(self):
         for s in self.SIGNALS:
@@ -210,6 +255,40 @@ def prepare_run_dir(cfg, root: Path) -> Path:
     except OSError as e:
         raise CheckpointError(f"run directory {run_dir} is not writable: {e.strerror or e}")
     return run_dir
+
+
+class RunDirLock:
+    """One writer per run directory: an exclusive flock on run_dir/.lock,
+    holding the writer's pid and host for the message a second writer gets.
+    The kernel drops the lock when its process ends, however it ends, so a
+    lock left by a dead process never blocks. Where the file system has no
+    locks (some network mounts), a warning, and no lock."""
+
+    def __init__(self, run_dir: Path, warn=_warn):
+        self.path, self.fd = Path(run_dir) / ".lock", None
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise CheckpointError(f"cannot lock {run_dir}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise CheckpointError(f"{run_dir} is in use by {holder}: one run directory has one writer; wait for "
+                                  f"it to end, or use another --run-dir") from None
+        except OSError as e:  # ENOLCK, EOPNOTSUPP: no locks on this file system
+            os.close(fd)
+            warn(f"cannot lock {run_dir} ({e.strerror or e}): nothing stops a second run from writing into it")
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
 
 
 def data_name(data: str | None) -> str:
