@@ -203,3 +203,17 @@ def test_a_run_directory_has_one_writer(data, tmp_path):
     assert (run_dir / ".lock").read_text().startswith(f"pid {first.pid}")
     resumed = train(data, run_dir, "torchvision", "--epochs", "1", "--knn-every", "0")
     assert resumed["rc"] == 0, resumed["out"] + resumed["err"]
+
+
+def test_sigterm_during_the_linear_probe_and_the_export(data, tmp_path):
+    """Commands on a trained run directory: nothing to keep, one line, and no
+    half-written export."""
+    run_dir, export = tmp_path / "run", tmp_path / "backbone.pth"
+    assert_ended(train(data, run_dir, "torchvision", "--epochs", "1", "--knn-every", "0"), 0)
+    for args, phase, doing in ((["--eval", "linear", "--linear-epochs", "5"], "linear", "running the linear probe"),
+                               (["--export", str(export)], "export", "exporting the backbone")):
+        result = train(data, run_dir, "torchvision", "--epochs", "1", *args, fault=f"sigterm@{phase}")
+        assert_ended(result, 75)
+        said = [text for text in result["out"].splitlines() if text.startswith("stopped by")]
+        assert said == [f"stopped by SIGTERM while {doing}; {STOPPED_FRESH}"], result["out"]
+    assert not export.exists() and not list(tmp_path.glob(".backbone*"))
