@@ -100,11 +100,10 @@ def graph_only(loader: DaliLoader, views: bool):
 
 
 def run_graph(pipe, feed, steps):
-    feed.epoch, feed.step, feed.stop = 0, 0, False
-    feed.plans.clear()
+    feed.start(0, 0)  # the feed's reader works ahead from step 0
     for _ in range(steps):
         pipe.run()
-    feed.stop = True
+    feed.halt()
 
 
 def profile(name, spec, source, batch, batches) -> dict:
@@ -121,7 +120,7 @@ def profile(name, spec, source, batch, batches) -> dict:
     pipe, feed = graph_only(loader, views=True)
     out["resize"] = per_sample(lambda: run_graph(pipe, feed, steps), n) - out["decode"]
     # the colour operations on the real resized views, with the plan's parameters
-    feed.epoch, feed.step, feed.stop = 0, 0, False
+    feed.start(0, 0)
     tiles, params = [], []
     for s in range(steps):
         outs = pipe.run()
@@ -133,7 +132,7 @@ def profile(name, spec, source, batch, batches) -> dict:
                 tiles += [np.array(outs[i + v][b]) for b in range(batch)]
                 params += [p[v, b] for b in range(batch)]
             i += group.count
-    feed.stop = True
+    feed.halt()
     for op, code in OPS.items():
         def one_op(code=code):
             for x, p in zip(tiles, params):
