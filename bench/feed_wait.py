@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.throughput import environment, prepare_data  # noqa: E402
+from bench.throughput import data_arguments, environment, prepare_data  # noqa: E402
 from pipelines import dali  # noqa: E402
 from pipelines.views import MOCOV2_AUG, CropSpec, ViewSpec  # noqa: E402
 
@@ -68,15 +68,11 @@ class Clock:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--photos", type=int, default=64)
+    data_arguments(p, 64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--size", type=int, default=224, help="the two views' size")
     p.add_argument("--workers", type=int, default=2, help="DALI threads")
     p.add_argument("--epochs", type=int, default=6, help="timed epochs, after one untimed")
-    p.add_argument("--photo-size", default="500x375")
-    p.add_argument("--data", default=None)
-    p.add_argument("--synthetic-jpegs", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     source, data = prepare_data(a)

@@ -50,7 +50,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.throughput import RECIPES, describe, prepare_data  # noqa: E402
+from bench.throughput import RECIPES, data_arguments, describe, prepare_data  # noqa: E402
 from pipelines import colour  # noqa: E402
 from pipelines.dali import DaliLoader, _type  # noqa: E402
 
@@ -238,11 +238,7 @@ def main(argv=None) -> int:
     p.add_argument("--pipeline", default="dali", choices=sorted(PROFILES), help="whose stages to time")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--batches", type=int, default=4, help="batches timed per stage")
-    p.add_argument("--photos", type=int, default=512)
-    p.add_argument("--photo-size", default="500x375")
-    p.add_argument("--data", default=None)
-    p.add_argument("--synthetic-jpegs", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    data_arguments(p, 512)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     source, _ = prepare_data(a)
