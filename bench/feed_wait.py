@@ -14,8 +14,13 @@ median over every timed step; a step's first call also restarts the graph):
   run        ms inside DALI's `Pipeline.run` on the loop thread (waiting for
              the rendered batch; the callback runs inside it)
   step       ms of `next()` on the loader (run, copies out, bookkeeping)
-  read       ms of `read_checked` (reading and checking the step's files),
-             per thread that ran it ('loop' is the loop thread)
+  read       ms of `read_checked` (reading and checking the files) over the
+             timed epochs per step, by the thread that ran it ('loop': the
+             loop's own); wall time, so on a busy machine it holds waits
+             for the GIL and the cores
+
+The load average is printed: on a machine others are using, every number
+here is a smoke number; compare two versions in alternating runs.
 
 The photos are cut once by bench/throughput.py's `prepare_data` from Debian's
 wallpapers (mate-backgrounds) into the viewforge cache; they sit in the page
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import os
 import statistics
 import sys
 import threading
@@ -66,6 +72,50 @@ class Clock:
             return dict(self.total)
 
 
+def measure(source, batch_size: int, size: int, workers: int, epochs: int, seed: int = 0) -> dict:
+    """Per-step ms lists of 'callback', 'run' and 'step' on the loop thread,
+    and 'read': the timed epochs' read_checked ms per step, by thread ('loop'
+    for the loop's own). The wrappers are taken off again at the end."""
+    from nvidia.dali.pipeline import Pipeline
+
+    clock = Clock()
+    originals = (dali._Feed.__call__, dali.read_checked, Pipeline.run)
+    dali._Feed.__call__ = clock.wrap("callback", dali._Feed.__call__)
+    dali.read_checked = clock.wrap("read", dali.read_checked)
+    Pipeline.run = clock.wrap("run", Pipeline.run)
+    spec = ViewSpec(crops=(CropSpec("global", 2, size, augs=(MOCOV2_AUG,)),))
+    loader = dali.DaliLoader(spec, source, batch_size=batch_size, workers=workers, cpu=True, seed=seed)
+    try:
+        for _ in loader:  # untimed: graph build, Numba, page cache
+            pass
+        loop = threading.current_thread().name
+        rows = collections.defaultdict(list)
+        start = clock.snapshot()
+        for _ in range(epochs):
+            it = iter(loader)
+            while True:
+                before = clock.snapshot()
+                t0 = time.perf_counter()
+                try:
+                    next(it)
+                except StopIteration:
+                    break
+                wall = time.perf_counter() - t0
+                after = clock.snapshot()
+                rows["step"].append(1e3 * wall)
+                for what in ("callback", "run"):
+                    key = (what, loop)
+                    rows[what].append(1e3 * (after.get(key, 0.0) - before.get(key, 0.0)))
+        end = clock.snapshot()
+    finally:
+        loader.close()
+        dali._Feed.__call__, dali.read_checked, Pipeline.run = originals
+    steps = len(rows["step"])
+    rows["read"] = {"loop" if name == loop else name: 1e3 * (t - start.get((what, name), 0.0)) / steps
+                    for (what, name), t in end.items() if what == "read"}
+    return dict(rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     data_arguments(p, 64)
@@ -76,52 +126,19 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     source, data = prepare_data(a)
-
-    clock = Clock()
-    dali._Feed.__call__ = clock.wrap("callback", dali._Feed.__call__)
-    dali.read_checked = clock.wrap("read", dali.read_checked)
-    from nvidia.dali.pipeline import Pipeline
-    Pipeline.run = clock.wrap("run", Pipeline.run)
-
-    spec = ViewSpec(crops=(CropSpec("global", 2, a.size, augs=(MOCOV2_AUG,)),))
-    loader = dali.DaliLoader(spec, source, batch_size=a.batch_size, workers=a.workers, cpu=True, seed=a.seed)
-    for _ in loader:  # untimed: graph build, Numba, page cache
-        pass
-    loop = threading.current_thread().name
-    rows = collections.defaultdict(list)  # what -> per-step ms
-    threads = collections.defaultdict(float)  # read, per thread: total ms
-    steps = 0
-    for _ in range(a.epochs):
-        it = iter(loader)
-        while True:
-            before = clock.snapshot()
-            t0 = time.perf_counter()
-            try:
-                next(it)
-            except StopIteration:
-                break
-            wall = time.perf_counter() - t0
-            after = clock.snapshot()
-            delta = {k: after[k] - before.get(k, 0.0) for k in after}
-            rows["step"].append(1e3 * wall)
-            rows["callback"].append(1e3 * delta.get(("callback", loop), 0.0))
-            rows["run"].append(1e3 * delta.get(("run", loop), 0.0))
-            for (what, name), s in delta.items():
-                if what == "read":
-                    threads["loop" if name == loop else name] += 1e3 * s
-            steps += 1
-    loader.close()
+    rows = measure(source, a.batch_size, a.size, a.workers, a.epochs, a.seed)
 
     env = environment(torch.device("cpu"), sys.argv[1:] if argv is None else argv, "bench/feed_wait.py")
-    print(f"{env['cpu_model']}, {env['cpu_count']} cores; DALI {env['versions']['dali']}, "
-          f"torch {env['versions']['torch']}")
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"{env['cpu_model']}, {env['cpu_count']} cores, load average {load} (1, 5, 15 min); "
+          f"DALI {env['versions']['dali']}, torch {env['versions']['torch']}")
     print(f"{data['count']} {data['kind']} ({data.get('size')}), batch {a.batch_size}, 2 x {a.size} views "
-          f"(MoCo v2), {a.workers} DALI threads, {a.epochs} timed epochs = {steps} steps")
+          f"(MoCo v2), {a.workers} DALI threads, {a.epochs} timed epochs = {len(rows['step'])} steps")
     print(f"{'ms per step':<22}{'mean':>8}{'median':>8}")
     for what in ("callback", "run", "step"):
         print(f"{what + ' (loop thread)':<22}{statistics.fmean(rows[what]):8.2f}{statistics.median(rows[what]):8.2f}")
-    for name, ms in sorted(threads.items()):
-        print(f"{'read on ' + name:<22}{ms / steps:8.2f}")
+    for name, ms in sorted(rows["read"].items()):
+        print(f"{'read on ' + name:<22}{ms:8.2f}")
     return 0
 
 
