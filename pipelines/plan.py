@@ -50,6 +50,14 @@ _SET_TABLE = object()
 _POOL_LOCK = threading.Lock()
 
 
+def _new_pool_lock():  # a fork while another thread held the lock must not leave it held in the child
+    global _POOL_LOCK
+    _POOL_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_pool_lock)
+
+
 # ---------------------------------------------------------------- generator
 @numba.njit(cache=True, inline="always")
 def _mix(z):
