@@ -166,7 +166,7 @@ class _Feed:
 
     # Steps read ahead of what the graph has taken (which holds prefetch_queue_depth more). The
     # graph's first run after a restart takes prefetch_queue_depth (2) steps at once, and an
-    # epoch's end mark takes a place in the queue too: with 3, a new epoch's first run waits on no read.
+    # epoch's end mark takes a place in the queue too: with 3, a new epoch's first run need not wait.
     AHEAD = 3
 
     def __init__(self, planner, source, groups, views, keys, mode):
@@ -181,7 +181,7 @@ class _Feed:
     def start(self, epoch: int, step: int, known_bad=frozenset()) -> None:
         """Feed steps step, step+1, ... of `epoch`: the plans of earlier
         steps dropped, by the running reader when it is at that step with
-        today's inputs, else by a new one."""
+        the same inputs, else by a new one."""
         self.plans.clear()
         self.replacements.clear()
         table, known_bad = self.planner.neighbours, frozenset(known_bad)
