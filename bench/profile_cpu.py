@@ -50,7 +50,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.throughput import RECIPES, describe, prepare_data  # noqa: E402
+from bench.throughput import RECIPES, data_arguments, describe, prepare_data  # noqa: E402
 from pipelines import colour  # noqa: E402
 from pipelines.dali import DaliLoader, _type  # noqa: E402
 
@@ -100,11 +100,10 @@ def graph_only(loader: DaliLoader, views: bool):
 
 
 def run_graph(pipe, feed, steps):
-    feed.epoch, feed.step, feed.stop = 0, 0, False
-    feed.plans.clear()
+    feed.start(0, 0)  # the feed's reader works ahead from step 0
     for _ in range(steps):
         pipe.run()
-    feed.stop = True
+    feed.halt()
 
 
 def profile(name, spec, source, batch, batches) -> dict:
@@ -121,7 +120,7 @@ def profile(name, spec, source, batch, batches) -> dict:
     pipe, feed = graph_only(loader, views=True)
     out["resize"] = per_sample(lambda: run_graph(pipe, feed, steps), n) - out["decode"]
     # the colour operations on the real resized views, with the plan's parameters
-    feed.epoch, feed.step, feed.stop = 0, 0, False
+    feed.start(0, 0)
     tiles, params = [], []
     for s in range(steps):
         outs = pipe.run()
@@ -133,7 +132,7 @@ def profile(name, spec, source, batch, batches) -> dict:
                 tiles += [np.array(outs[i + v][b]) for b in range(batch)]
                 params += [p[v, b] for b in range(batch)]
             i += group.count
-    feed.stop = True
+    feed.halt()
     for op, code in OPS.items():
         def one_op(code=code):
             for x, p in zip(tiles, params):
@@ -239,11 +238,7 @@ def main(argv=None) -> int:
     p.add_argument("--pipeline", default="dali", choices=sorted(PROFILES), help="whose stages to time")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--batches", type=int, default=4, help="batches timed per stage")
-    p.add_argument("--photos", type=int, default=512)
-    p.add_argument("--photo-size", default="500x375")
-    p.add_argument("--data", default=None)
-    p.add_argument("--synthetic-jpegs", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    data_arguments(p, 512)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     source, _ = prepare_data(a)

@@ -134,13 +134,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs-rss", type=int, default=5, help="epochs over which host RSS is recorded (0: skip)")
     p.add_argument("--rss-images", type=int, default=None,
                    help="epoch length of the RSS part, in images (GPU: all photos, CPU: 256; 0: all)")
-    p.add_argument("--photos", type=int, default=None, help="ImageNet-sized photos to cut (max(512, 16 x batch))")
-    p.add_argument("--photo-size", default="500x375", help="WxH of the prepared JPEGs")
-    p.add_argument("--synthetic-jpegs", action="store_true", help="random-noise JPEGs instead of photos (warned)")
-    p.add_argument("--data", default=None, help="time on this ImageFolder / file list instead of prepared photos")
+    data_arguments(p, None, "max(512, 16 x batch)")
     p.add_argument("--view-scale", type=float, default=1.0,
                    help="multiply every recipe/sweep view size (smoke tests); the main rows use --image-size")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
     return p
 
@@ -219,6 +215,16 @@ def environment(device: torch.device, argv: list, script: str = "bench/throughpu
 
 
 # ----------------------------------------------------------------------------- data
+def data_arguments(p: argparse.ArgumentParser, photos, photos_default_text: str = "") -> None:
+    """The options `prepare_data` reads (every bench script that times photos takes them)."""
+    p.add_argument("--photos", type=int, default=photos,
+                   help=f"ImageNet-sized photos to cut ({photos_default_text or photos})")
+    p.add_argument("--photo-size", default="500x375", help="WxH of the prepared JPEGs")
+    p.add_argument("--synthetic-jpegs", action="store_true", help="random-noise JPEGs instead of photos (warned)")
+    p.add_argument("--data", default=None, help="time on this ImageFolder / file list instead of prepared photos")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def prepare_data(args) -> tuple:
     """The source every measurement reads, and a description of it."""
     from pipelines.data import cache_root, make_photo_folder, open_source

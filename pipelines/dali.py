@@ -15,11 +15,25 @@ Per step (batch B), in the graph:
       (the band the jitter uncovers then takes the reference's MOSAIC_FILL).
 
 Bytes and plan arrays enter through one batch-mode `fn.external_source`
-whose callback plans step s, reads its files and queues the plan. DALI
-calls it in step order, on the thread that runs the pipeline, while its own
-threads render earlier steps; the queue pairs every output batch with its
-plan however far DALI prefetches. A new iteration drains what was
-prefetched for the old one (after a `break`, or a resume).
+(not parallel: its workers gained nothing on 2 cores) whose callback, the
+feed, DALI calls in step order on the thread that runs the pipeline: the
+training loop's. So that the loop does not read files, a reader thread
+works ahead of it: it plans each step (plans are pure functions of (epoch,
+step), so reading ahead changes no batch), reads and checks its files and
+builds the graph's inputs, at most `_Feed.AHEAD` steps ahead, on into the
+next epoch's first steps, and the callback only hands over the next ready
+step. Each handed-over plan waits in a queue that pairs every output batch
+with its plan however far DALI prefetches. A new iteration (the next epoch,
+a `break`, a resume) drains what the graph prefetched for the old one and
+keeps the reader if it is at the step asked for with the same inputs (the
+neighbour table, the files known not to decode, both copied at its start);
+otherwise the reader is stopped and joined and a new one starts there.
+`close()` and the loader's collection stop and join it too, and an
+exception in the reader leaves `pipe.run` in its step's place.
+A file that passes the header check but fails DALI's decoder fails the
+graph: the steps in flight are decoded file by file, the culprit joins the
+known-bad set (read as a flat replacement from then on), and the step is
+rendered again on a fresh graph.
 
 How the plan's semantics (pipelines/torchvision.py, PIL) are kept:
 - Crop windows are ROIs relative to the decoded image (`roi_relative`),
@@ -48,6 +62,10 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
+import queue
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -124,50 +142,166 @@ def _type(key: str) -> tuple:
 
 # ---------------------------------------------------------------- the feed
 class _Feed:
-    """The external_source callback. Each call plans the next step of the
-    epoch, reads its files and returns every graph input; the plan waits in
-    `plans` until the batch rendered from it is taken out."""
+    """The external_source callback, and the reader thread that works ahead of it.
+
+    `start(epoch, step, known_bad)` points the feed at a step. Its reader
+    thread plans steps in order from there (on into the next epochs, an
+    end-of-epoch mark between them), reads and checks each step's files and
+    builds every graph input, at most AHEAD steps ahead of what has been
+    handed over (a bounded queue). DALI calls the feed on the thread that
+    runs the pipeline, the training loop's: each call only takes the next
+    ready step off the queue; its plan waits in `plans` (beside it, in
+    `replacements`, the indices its read replaced) until the batch rendered
+    from it is taken out. The reader's failure is raised by the call that
+    would have taken its step (and kept in `error`).
+
+    A reader works from inputs handed over at its start: the neighbour table
+    and the files known bad, copied. `start` keeps the running reader when
+    its next step is the one asked for and those inputs are unchanged (a
+    new epoch right after the last: its first steps are read already), and
+    otherwise halts it and starts another. `halt()` stops the reader and
+    joins it; so does the feed's garbage collection, and the thread is a
+    daemon, so it never holds the interpreter open. Setting `stop` makes the
+    callback end the epoch without taking a step."""
+
+    # Steps read ahead of what the graph has taken (which holds prefetch_queue_depth more). The
+    # graph's first run after a restart takes prefetch_queue_depth (2) steps at once, and an
+    # epoch's end mark takes a place in the queue too: with 3, a new epoch's first run need not wait.
+    AHEAD = 3
 
     def __init__(self, planner, source, groups, views, keys, mode):
         self.planner, self.source = planner, source
         self.groups, self.views, self.keys, self.mode = groups, views, keys, mode
-        self.plans = collections.deque()
-        self.epoch, self.step, self.stop = 0, 0, True
-        # Beside each plan, the indices its read replaced; files known not to decode.
-        self.replacements, self.known_bad, self.last_replaced = collections.deque(), set(), []
+        self.plans, self.replacements = collections.deque(), collections.deque()
+        self.stop, self.error = True, None
+        # the running reader: its queue, thread, finalizer (stops and joins it),
+        # inputs (table, known_bad) and the (epoch, step) of the next step to take from it
+        self._ready = self._thread = self._halt = self._inputs = self._next = None
+
+    def start(self, epoch: int, step: int, known_bad=frozenset()) -> None:
+        """Feed steps step, step+1, ... of `epoch`: the plans of earlier
+        steps dropped, by the running reader when it is at that step with
+        the same inputs, else by a new one."""
+        self.plans.clear()
+        self.replacements.clear()
+        table, known_bad = self.planner.neighbours, frozenset(known_bad)
+        if not (self._thread is not None and self._thread.is_alive() and self._next == (epoch, step)
+                and self._inputs[1] == known_bad and _same_table(self._inputs[0], table)):
+            self.halt()
+            # Handed over, not shared: a copy of the neighbour table set now
+            # (set_neighbours applies to iterations started later; the caller
+            # may reuse its array) and of the files known bad now.
+            self._inputs = (None if table is None else table.copy(), known_bad)
+            prepare = functools.partial(_prepare, self.planner, self.source, self.groups, self.views, self.keys,
+                                        self.mode, *self._inputs)
+            ready, stopping = queue.Queue(self.AHEAD), threading.Event()
+            # The thread holds no reference to the feed, so a dropped loader's
+            # feed is collected, and its finalizer stops the thread.
+            thread = threading.Thread(target=_read_ahead, args=(prepare, epoch, step, self.planner.steps_per_epoch,
+                                                                 ready, stopping), name="dali-feed", daemon=True)
+            self._ready, self._thread, self._next = ready, thread, (epoch, step)
+            self._halt = weakref.finalize(self, _stop_reader, thread, stopping)
+            thread.start()
+        self.stop, self.error = False, None
+
+    def halt(self) -> None:
+        """Stop and join the reader (idempotent); the feed then ends its epoch."""
+        self.stop = True
+        if self._halt is not None:
+            self._halt()  # a finalizer runs once
+        self._ready = self._thread = self._halt = self._inputs = self._next = None
 
     def __call__(self):
-        if self.stop or self.step >= self.planner.steps_per_epoch:
+        if self.stop:
             raise StopIteration
-        plan = self.planner.plan(self.epoch, self.step)
-        arrays = self.arrays(plan)
-        batch = [arrays[k] for k in self.keys]
+        while True:
+            try:
+                item = self._ready.get(timeout=_POLL_S)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._ready.empty():
+                    self.stop = True
+                    raise RuntimeError("dali: the feed's reader thread ended without handing over a step") from None
+        epoch, step = self._next
+        if item is None:  # the epoch's end; the reader goes on with the next
+            self.stop, self._next = True, (epoch + 1, 0)
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.stop, self.error = True, item
+            raise item
+        plan, replaced, batch = item
+        self._next = (epoch, step + 1)
         self.plans.append(plan)
-        self.replacements.append(self.last_replaced)
-        self.step += 1
+        self.replacements.append(replaced)
         return batch
 
-    def arrays(self, plan: BatchPlan) -> dict:
-        """Every input of `plan` by name; numpy, batch first, vectorised over views."""
-        # Bytes checked as the index checked them: DALI stops the whole graph on a bad file.
-        data, self.last_replaced = read_checked(self.source, plan.index.tolist(), self.known_bad)
-        out = {"bytes": data}
-        width = self.planner.widths[plan.index].astype(np.float64)
-        height = self.planner.heights[plan.index].astype(np.float64)
-        for g, group in enumerate(self.groups):
-            cp = group.plan(plan)
-            arr = _window_arrays(cp, width, height)
-            if self.mode == "numba":
-                arr["p"] = colour.view_params(cp, group.augs, group.size)
-            elif self.mode == "dali":
-                arr.update(_native_arrays(cp))
-            for view in self.views[g]:
-                skip = len(f"{g}.{view.v}.")
-                for key in view.keys(self.mode):
-                    out[key] = arr[key[skip:]][view.v]
-            if group.kind == "mosaic" and self.mode != "cuda":
-                out.update(_paste_arrays(plan.mosaic, group.size))
-        return out
+
+_POLL_S = 0.05  # how often the reader and the callback look up from a full or empty queue
+
+
+def _same_table(a, b) -> bool:
+    return (a is None) == (b is None) and (a is None or np.array_equal(a, b))
+
+
+def _read_ahead(prepare, epoch: int, step: int, steps: int, ready: queue.Queue, stopping: threading.Event) -> None:
+    """The reader thread: each step's prepared inputs into `ready` in order,
+    None after an epoch's last, on into the next epochs, until `stopping` is
+    set (every put gives up then) or a step fails (its exception is put)."""
+    def put(item) -> bool:
+        while not stopping.is_set():
+            try:
+                ready.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    try:
+        while True:
+            for s in range(step, steps):
+                if not put(prepare(epoch, s)):
+                    return
+            if not put(None):
+                return
+            epoch, step = epoch + 1, 0
+    except BaseException as e:  # the loop gets it from the callback, in the step's place
+        put(e)
+
+
+def _stop_reader(thread: threading.Thread, stopping: threading.Event) -> None:
+    stopping.set()
+    if thread is not threading.current_thread():  # a collection can run on the reader itself
+        thread.join()
+
+
+def _prepare(planner, source, groups, views, keys, mode, table, known_bad, epoch: int, step: int) -> tuple:
+    """(plan, dataset indices its read replaced, the graph's inputs in `keys` order) of one step."""
+    plan = planner.plan(epoch, step, neighbours=table)
+    # Bytes checked as the index checked them: DALI stops the whole graph on a bad file.
+    data, replaced = read_checked(source, plan.index.tolist(), known_bad)
+    arrays = _arrays(plan, data, planner, groups, views, mode)
+    return plan, replaced, [arrays[k] for k in keys]
+
+
+def _arrays(plan: BatchPlan, data: list, planner, groups, views, mode) -> dict:
+    """Every input of `plan` by name; numpy, batch first, vectorised over views."""
+    out = {"bytes": data}
+    width = planner.widths[plan.index].astype(np.float64)
+    height = planner.heights[plan.index].astype(np.float64)
+    for g, group in enumerate(groups):
+        cp = group.plan(plan)
+        arr = _window_arrays(cp, width, height)
+        if mode == "numba":
+            arr["p"] = colour.view_params(cp, group.augs, group.size)
+        elif mode == "dali":
+            arr.update(_native_arrays(cp))
+        for view in views[g]:
+            skip = len(f"{g}.{view.v}.")
+            for key in view.keys(mode):
+                out[key] = arr[key[skip:]][view.v]
+        if group.kind == "mosaic" and mode != "cuda":
+            out.update(_paste_arrays(plan.mosaic, group.size))
+    return out
 
 
 def _window_arrays(cp: CropPlan, width, height) -> dict:
@@ -376,7 +510,6 @@ class DaliLoader(PlannedLoader):
         if self.spec.mosaic is not None and self.mode != "cuda":
             keys += _MOSAIC_KEYS
         self._feed = _Feed(self.planner, self.source, self._groups, self._views, keys, self.mode)
-        self._feed.known_bad = self._known_bad
         extra = {"exec_dynamic": True} if self.gpu else {}
         # planner.rows: the batch, and as many neighbour rows again when the spec fetches neighbours
         return _graph(self._feed, _cpu_operator() if self.mode == "numba" else None, batch_size=self.planner.rows,
@@ -389,7 +522,8 @@ class DaliLoader(PlannedLoader):
 
     def _restart(self, epoch: int, start: int):
         """Point the feed at (epoch, start) after taking out, and dropping,
-        whatever the graph prefetched for an earlier iteration."""
+        whatever the graph prefetched for an earlier iteration; the feed's
+        reader (a new one unless the running one is at that step) reads from there."""
         if self._pipe is None:
             self._build()
         self._feed.stop = True
@@ -402,12 +536,12 @@ class DaliLoader(PlannedLoader):
             self.close()
             self._build()
         self._pipe.reset()
-        feed = self._feed
-        feed.plans.clear()
-        feed.replacements.clear()
-        feed.epoch, feed.step, feed.stop = epoch, start, False
+        self._feed.start(epoch, start, self._known_bad)
 
     def close(self) -> None:
+        """The feed's reader stopped and joined, the graph dropped (idempotent)."""
+        if self._feed is not None:
+            self._feed.halt()
         self._pipe, self._feed, self._token = None, None, None
 
     # -- rendering ------------------------------------------------------------
@@ -425,8 +559,8 @@ class DaliLoader(PlannedLoader):
                 if self._token is not token:
                     raise
                 self.close()  # DALI cannot go on after an error: the next iteration rebuilds
-                if not self._set_aside_undecodable(feed):
-                    raise
+                if feed.error is not None or not self._set_aside_undecodable(feed):
+                    raise  # the reader's own failure (feed.error) is not a file to set aside
                 # A file that passed the header check but not the decoder: render the step again
                 # on a fresh graph, that file replaced from now on.
                 self._restart(epoch, step)
@@ -441,9 +575,10 @@ class DaliLoader(PlannedLoader):
                 raise RuntimeError("dali: this iteration was superseded by a newer one over the same loader")
 
     def _set_aside_undecodable(self, feed: _Feed) -> bool:
-        """After a failed graph: the files of the steps in flight that DALI's
-        decoder refuses on their own join the known-bad set; False when there
-        are none (the failure was not a bad file)."""
+        """After a failed graph (its feed halted, so no reader sees the set
+        change): the files of the steps in flight that DALI's decoder refuses
+        on their own join the known-bad set; False when there are none (the
+        failure was not a bad file)."""
         indices = sorted({i for plan in feed.plans for i in plan.index.tolist()} - self._known_bad)
         data, _ = read_checked(self.source, indices, self._known_bad)
         bad = {indices[k] for k in _undecodable(data, self.gpu, self.device_id)}

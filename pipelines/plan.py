@@ -27,6 +27,7 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -44,6 +45,17 @@ _STREAM_MOSAIC = 3
 _STREAM_MOSAIC_GROUP = 4
 _STREAM_PAIRS = 5
 _STREAM_CROPS = 16
+# Planner.plan's default neighbour table: the one set_neighbours set last.
+_SET_TABLE = object()
+_POOL_LOCK = threading.Lock()
+
+
+def _new_pool_lock():  # a fork while another thread held the lock must not leave it held in the child
+    global _POOL_LOCK
+    _POOL_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_pool_lock)
 
 
 # ---------------------------------------------------------------- generator
@@ -645,6 +657,12 @@ class Planner:
     other row, keyed on position p + N for the anchor at position p. The
     table is an input like the sizes: a plan is a pure function of (seed,
     epoch, positions) and the table.
+
+    A planner may plan from several threads at once (a pipeline's reader
+    thread beside the training loop): its only caches, the epoch's order and
+    the mosaic's thread, are replaced whole or made under a lock, and a
+    reader that must not see a new table mid-iteration passes the table it
+    took at the start (`plan(..., neighbours=table)`).
     """
 
     def __init__(self, spec: ViewSpec, widths, heights, batch_size: int, seed: int = 0,
@@ -673,7 +691,7 @@ class Planner:
                       for c in spec.crops}
         if spec.mosaic is not None:
             self._mosaic_augs = np.array([_aug_row(spec.mosaic.aug)] * spec.mosaic.crops_per_image, np.float64)
-        self._order_epoch, self._order = None, None
+        self._order_cache = (None, None)  # (epoch, order), replaced whole: read by more than one thread
         self._pool, self._pool_pid = None, None
         self.neighbours = None
 
@@ -682,10 +700,13 @@ class Planner:
         """Rows of every planned view array: B, or 2B with neighbour rows."""
         return self.batch_size * (2 if self.spec.neighbours else 1)
 
-    def neighbours_of(self, index: np.ndarray) -> np.ndarray:
-        """Each anchor's neighbour by the table, int64 of index's shape: -1
-        where the table names none, is too short, or names an image past N."""
-        table = self.neighbours if self.neighbours is not None else np.zeros(0, np.int64)
+    def neighbours_of(self, index: np.ndarray, table=_SET_TABLE) -> np.ndarray:
+        """Each anchor's neighbour by the table (the planner's, or `table`),
+        int64 of index's shape: -1 where the table names none, is too short,
+        or names an image past N."""
+        if table is _SET_TABLE:
+            table = self.neighbours
+        table = np.zeros(0, np.int64) if table is None else np.asarray(table, np.int64)
         nbr = np.full(np.shape(index), -1, np.int64)
         known = index < len(table)
         nbr[known] = table[index[known]]
@@ -703,20 +724,22 @@ class Planner:
 
     def _second_thread(self) -> concurrent.futures.ThreadPoolExecutor:
         # One per process: a pool inherited through fork has no live thread.
-        if self._pool is None or self._pool_pid != os.getpid():
-            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="planner")
-            self._pool_pid = os.getpid()
-        return self._pool
+        with _POOL_LOCK:  # two threads planning at once make one pool
+            if self._pool is None or self._pool_pid != os.getpid():
+                self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="planner")
+                self._pool_pid = os.getpid()
+            return self._pool
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
     def order(self, epoch: int) -> np.ndarray:
         """The epoch's global order of samples (all ranks, before batching)."""
-        if self._order_epoch != epoch:
-            self._order = _permutation(len(self.widths), np.uint64(_key(self.seed, epoch, 0, 0, _STREAM_PERM)))
-            self._order_epoch = epoch
-        return self._order
+        cached, order = self._order_cache
+        if cached != epoch:
+            order = _permutation(len(self.widths), np.uint64(_key(self.seed, epoch, 0, 0, _STREAM_PERM)))
+            self._order_cache = (epoch, order)
+        return order
 
     def positions(self, step: int) -> np.ndarray:
         """int64 [batch_size]: the places in the epoch's global order of this rank's samples at `step`."""
@@ -728,14 +751,16 @@ class Planner:
         order = self.order(epoch)[:self.steps_per_epoch * self.global_batch]
         return order.reshape(self.steps_per_epoch, self.world_size, self.batch_size)[:, self.rank].reshape(-1)
 
-    def plan(self, epoch: int, step: int) -> BatchPlan:
+    def plan(self, epoch: int, step: int, neighbours=_SET_TABLE) -> BatchPlan:
+        """Step `step` of `epoch`; with spec.neighbours, its neighbour rows
+        by `neighbours` (a table as set_neighbours takes; default: the one set)."""
         if not 0 <= step < self.steps_per_epoch:
             raise IndexError(f"step {step} outside epoch of {self.steps_per_epoch} steps")
         positions = self.positions(step)
         index = np.ascontiguousarray(self.order(epoch)[positions])
         out = BatchPlan(epoch=epoch, step=step, index=index)
         if self.spec.neighbours:
-            nbr = out.neighbour = self.neighbours_of(index)
+            nbr = out.neighbour = self.neighbours_of(index, neighbours)
             index = out.index = np.concatenate([index, np.where(nbr >= 0, nbr, index)])
             positions = np.concatenate([positions, positions + len(self.widths)])  # the neighbours' own streams
         # The mosaic depends on nothing else in the plan and its kernels

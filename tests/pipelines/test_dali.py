@@ -8,6 +8,14 @@ and batches 8, so each loader builds in about a second.
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
+import gc
+import pickle
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +23,7 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from pipelines import build
+from pipelines import build, dali
 from pipelines.data import open_source
 from pipelines.views import (BYOL_AUG_1, BYOL_AUG_2, MEAN, MOCOV2_AUG, STD, AugSpec, CropSpec, MosaicSpec, OriginalSpec,
                              PairSpec, ViewSpec)
@@ -23,6 +31,8 @@ from pipelines.views import (BYOL_AUG_1, BYOL_AUG_2, MEAN, MOCOV2_AUG, STD, AugS
 from PIL import Image
 
 from tests.conftest import make_image_folder
+
+ROOT = Path(__file__).resolve().parents[2]
 
 B = 8
 SPECS = {
@@ -160,6 +170,218 @@ def test_a_newer_iteration_takes_over(source):
     next(new)
     with pytest.raises(RuntimeError, match="superseded"):
         next(old)
+
+
+# ---------------------------------------------------------------- the feed's reader
+class LoopThreadFeed(dali._Feed):
+    """The feed without its reader thread (as it was before it): each call
+    plans, reads and prepares its step on the thread that runs the graph."""
+
+    def start(self, epoch, step, known_bad=frozenset()):
+        self.plans.clear()
+        self.replacements.clear()
+        self.epoch, self.step, self.known_bad, self.stop = epoch, step, frozenset(known_bad), False
+
+    def halt(self):
+        self.stop = True
+
+    def __call__(self):
+        if self.stop or self.step >= self.planner.steps_per_epoch:
+            raise StopIteration
+        plan, replaced, batch = dali._prepare(self.planner, self.source, self.groups, self.views, self.keys,
+                                              self.mode, self.planner.neighbours, self.known_bad, self.epoch,
+                                              self.step)
+        self.plans.append(plan)
+        self.replacements.append(replaced)
+        self.step += 1
+        return batch
+
+
+def feed_threads() -> set:
+    return {t for t in threading.enumerate() if t.name == "dali-feed" and t.is_alive()}
+
+
+def run_iterations(ld) -> list:
+    """Epoch 0 broken after 2 steps, then its rest, then epoch 1 broken after 1: every Views with its neighbours."""
+    return epoch(ld, limit=2) + epoch(ld) + epoch(ld, limit=1)
+
+
+@pytest.mark.parametrize("name", ["mosaic", "neighbours"])
+def test_the_reader_renders_what_the_loop_thread_would(name, source, monkeypatch):
+    """Steps read ahead on the reader thread are bit for bit the steps read
+    on the loop thread when DALI asks for them, through breaks and
+    restarts; and no file is read on the loop thread."""
+    from pipelines import dali
+
+    if name == "neighbours":
+        spec = ViewSpec(crops=(CropSpec("global", 2, 16),), original=OriginalSpec(12), neighbours=True)
+        table = (np.arange(len(source)) * 7 + 3) % len(source)
+        table[::5] = -1
+    else:
+        spec, table = SPECS[name], None
+    readers = set()
+    read_checked = dali.read_checked
+
+    def recorded(*args):
+        readers.add(threading.current_thread().name)
+        return read_checked(*args)
+
+    monkeypatch.setattr(dali, "read_checked", recorded)
+    ahead = loader(spec, source, seed=6)
+    ahead.set_neighbours(table)
+    got = run_iterations(ahead)
+    ahead.close()
+    assert readers == {"dali-feed"}
+    monkeypatch.setattr(dali, "_Feed", LoopThreadFeed)
+    readers.clear()
+    inline = loader(spec, source, seed=6)
+    inline.set_neighbours(table)
+    want = run_iterations(inline)
+    inline.close()
+    assert readers == {threading.current_thread().name}
+    assert len(got) == len(want) == 7
+    for x, y in zip(got, want):
+        assert_same(x, y)
+        assert (x.neighbour is None) == (table is None)
+        if table is not None:
+            assert torch.equal(x.neighbour, y.neighbour)
+
+
+def test_a_new_table_applies_to_the_next_iteration_not_the_current_one(source):
+    """set_neighbours mid-epoch, or the caller's table array changed in
+    place: the steps the reader has not read yet still take the table the
+    iteration started with; the next iteration the one set then."""
+    spec = ViewSpec(crops=(CropSpec("global", 2, 8),), neighbours=True)
+    n = len(source)
+    first, second = (np.arange(n) + 1) % n, (np.arange(n) + 2) % n
+    table = first.copy()  # int64: the planner keeps this very array
+    ld = loader(spec, source, seed=1)
+    ld.set_neighbours(table)
+    it = iter(ld)
+    views = [next(it)]
+    table[:] = (np.arange(n) + 3) % n
+    ld.set_neighbours(second)
+    views += list(it)
+    assert len(views) == len(ld)
+    for step, v in enumerate(views):
+        plan = ld.planner.plan(0, step, neighbours=first)
+        assert torch.equal(v.index, torch.as_tensor(plan.index))  # anchors, then the rows the table names
+        assert torch.equal(v.neighbour, torch.as_tensor(plan.neighbour))
+    v = next(iter(ld))
+    assert torch.equal(v.neighbour, torch.as_tensor(ld.planner.plan(1, 0, neighbours=second).neighbour))
+    ld.close()
+
+
+def test_the_next_epoch_is_read_before_it_is_asked_for(source, monkeypatch):
+    """After an epoch's last step the reader goes on with the next epoch's
+    first steps, so they are read before the next iteration starts, by the
+    same reader; a restart anywhere else starts a new one."""
+    reads = []
+    read_checked = dali.read_checked
+
+    def recorded(source, indices, known_bad=frozenset()):
+        reads.append(list(indices))
+        return read_checked(source, indices, known_bad)
+
+    monkeypatch.setattr(dali, "read_checked", recorded)
+    gc.collect()
+    before = feed_threads()
+    ld = loader(SPECS["two_views"], source, seed=4)
+    first = epoch(ld)
+    (reader,) = feed_threads() - before
+    ahead = [ld.planner.plan(1, s).index.tolist() for s in range(dali._Feed.AHEAD)]
+    deadline = time.monotonic() + 30
+    while not all(i in reads for i in ahead) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(i in reads for i in ahead), "epoch 1's first steps were not read ahead"
+    second = epoch(ld, limit=3)
+    assert feed_threads() - before == {reader}
+    for step, views in enumerate(second):
+        assert views.index.tolist() == ld.planner.plan(1, step).index.tolist()
+    assert [v.index.tolist() for v in first] == [ld.planner.plan(0, s).index.tolist() for s in range(len(ld))]
+    epoch(ld)  # resumes at step 3: the reader had gone further, so a new one reads
+    assert reader not in feed_threads() and len(feed_threads() - before) == 1
+    ld.close()
+
+
+def test_the_reader_stops_on_close_restart_and_collection(source):
+    gc.collect()
+    before = feed_threads()
+    ld = loader(SPECS["two_views"], source)
+    it = iter(ld)
+    next(it)  # the reader now waits on its full queue
+    running = feed_threads() - before
+    assert len(running) == 1
+    next(iter(ld))  # a new iteration at step 1 (the reader is past it): the old reader joined, a new one reads
+    now = feed_threads() - before
+    assert len(now) == 1 and not (now & running) and not any(t.is_alive() for t in running)
+    ld.close()
+    assert feed_threads() - before == set() and not any(t.is_alive() for t in now)
+    it = iter(ld)
+    next(it)  # a closed loader builds again, and reads again
+    assert len(feed_threads() - before) == 1
+    del ld, it  # neither closed nor finished: dropped
+    gc.collect()
+    assert feed_threads() - before == set()
+
+
+def test_an_error_in_the_reader_reaches_the_loop(source, monkeypatch):
+    """An exception raised while reading step 3 leaves the iteration as
+    itself, after the steps before it, with the reader gone; the loader then
+    goes on from where it stopped."""
+    spec = SPECS["two_views"]
+    want = epoch(loader(spec, source, seed=2))
+    ld = loader(spec, source, seed=2)
+    read, calls = source.read, []
+
+    def failing(i):
+        calls.append(i)
+        if len(calls) == 3 * B + 1:
+            raise ValueError("step 3 cannot be read")
+        return read(i)
+
+    monkeypatch.setattr(source, "read", failing)
+    gc.collect()
+    before = feed_threads()
+    got = []
+    faulthandler.dump_traceback_later(120, exit=True)  # a hang fails the run rather than stalling it
+    try:
+        with pytest.raises(ValueError, match="step 3 cannot be read"):
+            for views in ld:
+                got.append(views)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert 1 <= len(got) <= 3 and ld.step == len(got)
+    assert feed_threads() - before == set()
+    monkeypatch.setattr(source, "read", read)
+    got += epoch(ld)
+    assert len(got) == len(want)
+    for x, y in zip(got, want):
+        assert_same(x, y)
+    ld.close()
+
+
+def test_a_reader_left_running_does_not_hold_the_interpreter(source, tmp_path):
+    """A process that ends with a loader mid-epoch, neither closed nor
+    dropped (its reader waiting on a full queue), exits at once and cleanly."""
+    with open(tmp_path / "source.pkl", "wb") as f:
+        pickle.dump(source, f)
+    code = f"""
+import pickle, sys, threading
+sys.path.insert(0, {str(ROOT)!r})
+from pipelines import build, dali
+from pipelines.views import CropSpec, ViewSpec
+with open({str(tmp_path / "source.pkl")!r}, "rb") as f:
+    source = pickle.load(f)
+ld = build("dali", ViewSpec(crops=(CropSpec("global", 2, 16),)), source, batch_size={B}, cpu=True)
+it = iter(ld)
+next(it)
+assert any(t.name == "dali-feed" and t.is_alive() for t in threading.enumerate())
+print("exiting")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "exiting", proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception" not in proc.stderr, proc.stderr
 
 
 # ---------------------------------------------------------------- the GPU graph

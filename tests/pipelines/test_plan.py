@@ -902,3 +902,19 @@ def _timed(f, *args) -> float:
     t = time.perf_counter()
     f(*args)
     return time.perf_counter() - t
+
+
+def test_a_fork_while_a_thread_makes_the_mosaic_pool_leaves_the_child_able_to_plan():
+    """A DataLoader worker forked while another thread (DALI's feed reader)
+    held the lock around the planner's mosaic pool would wait for it forever."""
+    spec = ViewSpec(crops=(CropSpec("global", 2, 16),), mosaic=MosaicSpec(crops_per_image=4, crop_size=8))
+    sizes = np.full(16, 40)
+    with P._POOL_LOCK:
+        pid = os.fork()
+        if pid == 0:  # the child: plan a mosaic (it takes the lock), bounded by an alarm
+            import signal
+            signal.alarm(60)
+            Planner(spec, sizes, sizes, 8, seed=1).plan(0, 0)
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
