@@ -48,8 +48,8 @@ def cpu_flags() -> set:
                 return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return {flag for flag, probe in (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx_bf16", "_is_amx_tile_supported"))
-            if getattr(torch.cpu, probe, lambda: False)()}
+    probes = (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx_bf16", "_is_amx_tile_supported"))
+    return {flag for flag, probe in probes if getattr(torch.cpu, probe, lambda: False)()}
 
 
 def cpu_bf16() -> tuple[bool, str]:
