@@ -35,7 +35,7 @@ class PipelineError(ValueError):
     """A pipeline cannot serve a request (shown to the user as-is, exit 2)."""
 
 
-_OPEN = weakref.WeakSet()  # loaders not closed yet: interpreter exit closes them
+_OPEN = weakref.WeakSet()  # every loader alive: interpreter exit closes them (closing twice is harmless)
 
 
 @atexit.register
@@ -129,7 +129,9 @@ class PlannedLoader(abc.ABC):
     def close(self) -> None:
         """End the workers, threads or graphs this loader started (idempotent;
         a subclass's close calls this one)."""
-        _OPEN.discard(self)
+        planner = getattr(self, "planner", None)
+        if planner is not None:
+            planner.close()
 
     def __enter__(self):
         return self

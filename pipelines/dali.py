@@ -543,6 +543,7 @@ class DaliLoader(PlannedLoader):
         if self._feed is not None:
             self._feed.halt()
         self._pipe, self._feed, self._token = None, None, None
+        super().close()
 
     # -- rendering ------------------------------------------------------------
     def _render(self, epoch: int, start: int) -> Iterator[Views]:

@@ -593,6 +593,7 @@ class FfcvLoader(PlannedLoader):
     def close(self) -> None:
         self._stop()
         self._ffcv = None
+        super().close()
 
 
 def _subset(source: Source, keep: np.ndarray) -> Source:

@@ -722,6 +722,13 @@ class Planner:
         state["_pool"] = state["_pool_pid"] = None
         return state
 
+    def close(self) -> None:
+        """End the planner's thread (the next mosaic plan starts a new one)."""
+        with _POOL_LOCK:
+            pool, self._pool = self._pool, None
+        if pool is not None and self._pool_pid == os.getpid():
+            pool.shutdown(wait=True)
+
     def _second_thread(self) -> concurrent.futures.ThreadPoolExecutor:
         # One per process: a pool inherited through fork has no live thread.
         with _POOL_LOCK:  # two threads planning at once make one pool
