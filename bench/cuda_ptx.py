@@ -4,7 +4,7 @@ instructions per output pixel.
 
     python bench/cuda_ptx.py                    # every kernel, float32 + float16 out, sm_90 + sm_80
     python bench/cuda_ptx.py --arch 9.0 --dtype float32 --kernels render
-    python bench/cuda_ptx.py --measure          # also the per-pixel count (minutes: the simulator)
+    python bench/cuda_ptx.py --measure --arch 9.0   # the per-pixel count too (minutes: the simulator)
 
 Each kernel is compiled to PTX by NVVM for each architecture and output
 dtype, with the argument types its launch passes on a GPU (recorded from
@@ -14,24 +14,30 @@ does not compile or link, or when a float product was fused into an add
 (the kernels must round like the CPU operator and Pillow).
 
 --measure, PTX instructions per output pixel, the CPU-side measure of
-kernel cost: the kernels are compiled again with line information (and
-loop unrolling off, so that a statement's code appears once in the PTX),
-which names the source statement of each PTX instruction (a device
-function's code counts at the statement that calls it: NVVM inlines it
-there; an instruction with no line, line 0, counts with the statement
-before it in the PTX). The child process runs one representative view
-through the simulator: 224 x 224, colour jitter with all four operations
-(brightness 0.8, contrast 1.3, saturation 0.6, hue 0.1, in that order),
-grayscale, blur k=23 (sigma 1.5), solarize, float32 out, with the launch
-settings a GPU gets; it counts how often each statement runs over all
-threads. The measure is the sum over statements of (its PTX instructions)
-x (its runs), divided by the view's pixels. It is an estimate from PTX,
-not a profile: code the compiler hoisted out of a loop still counts once
-per iteration, every branch inside one statement counts (hue's six
-sectors, both sides of a 64-bit division's 32-bit fast path), and ptxas
-schedules and expands PTX further. 64-bit integer divisions and remainders
-(div/rem .s64/.u64) count as one instruction each but are also reported
-apart: each becomes a long sequence on the GPU.
+kernel cost. A child process runs one representative view through the
+simulator with the launch settings a GPU gets: 224 x 224, colour jitter
+with all four operations (brightness 0.8, contrast 1.3, saturation 0.6,
+hue 0.1, in that order), grayscale, blur k=23 (sigma 1.5), solarize,
+float32 out. It counts how often each source statement of
+pipelines/colour.py runs, over all threads; a loop header's runs are split
+into entries and returns from its body. The kernels those launches use are
+compiled again for the first --arch with line information and loop
+unrolling off (so that a statement's code appears once), and each PTX
+instruction is charged to the statement its .loc names (line 0: the
+statement before it). A loop header's instructions inside the PTX loop
+that holds its body run per iteration, the others (trip count, guard) per
+entry; a basic block identical to an earlier one (registers aside) is a
+compiler copy (an unswitched or peeled loop) that runs instead of the
+other, and counts once. The measure: the sum over statements of (PTX
+instructions) x (runs), divided by the view's pixels. An estimate from
+PTX, not a profile: NVVM inlines device functions at their call, so a
+device function counts whole, once per call (all its branches, its loops
+once: hue's six sectors, all four jitter operations); code hoisted out of
+a loop still counts per iteration; ptxas schedules and expands PTX
+further. 64-bit integer divisions and remainders (div/rem .s64/.u64) count
+as one instruction each and are also reported apart: each becomes a long
+sequence (or a call) on the GPU. Numba's range() with a runtime step
+divides to get its trip count, once per loop entry.
 """
 from __future__ import annotations
 
@@ -110,8 +116,10 @@ def _view_params(colour, np):
 def _count_statements(path: str, run) -> dict:
     """{statement line: runs} of the file's statements over every simulated
     thread while run() runs (one run per execution of a statement, however
-    many of its lines Python reports)."""
-    unit = statement_units(Path(path).read_text())
+    many of its lines Python reports); a loop header's runs are split into
+    'LINE:e' (entering the loop) and 'LINE:i' (coming back from its body)."""
+    source = Path(path).read_text()
+    unit, loops = statement_units(source), loop_bodies(source)
     counters = []
     lock = threading.Lock()
 
@@ -126,7 +134,11 @@ def _count_statements(path: str, run) -> dict:
             if event == "line":
                 u = unit.get(frame.f_lineno)
                 if u is not None and u != last[0]:
-                    counter[u] += 1
+                    if u in loops:
+                        back = last[0] is not None and u < last[0] <= loops[u][0]
+                        counter[f"{u}:{'i' if back else 'e'}"] += 1
+                    else:
+                        counter[str(u)] += 1
                 last[0] = u
             return local
         return local
@@ -158,30 +170,116 @@ def statement_units(source: str) -> dict:
     return unit
 
 
+def loop_bodies(source: str) -> dict:
+    """A `for`/`while` header's line -> (the last line of its loop, how many
+    loops enclose it)."""
+    out = {}
+
+    def walk(node, depth):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.For, ast.While)):
+                out[child.lineno] = (child.end_lineno, depth)
+                walk(child, depth + 1)
+            elif isinstance(child, (ast.FunctionDef, ast.Lambda)):
+                walk(child, 0)
+            else:
+                walk(child, depth)
+    walk(ast.parse(source), 0)
+    return out
+
+
 # ---------------------------------------------------------------- the compiler side
 DIVREM = re.compile(r"^(@!?%\w+\s+)?(div|rem)\.(s64|u64)\s")
 INSTRUCTION = re.compile(r"^(@!?%\w+\s+)?[a-z]")
+BRANCH = re.compile(r"^(@!?%\w+\s+)?bra(\.uni)?\s+(\$\w+);")
 
 
-def ptx_by_statement(ptx: str, unit: dict):
-    """{statement line: (instructions, 64-bit div/rem)} of a kernel's PTX by
-    its .loc lines (line 0: the line before it), and how many had line 0."""
-    per = collections.defaultdict(lambda: [0, 0])
-    line, last, line0 = 0, 0, 0
+def ptx_blocks(ptx: str, unit: dict) -> list:
+    """The basic blocks of a kernel's PTX: [(instructions, successors)], an
+    instruction being (statement line, is a 64-bit div/rem, its text with
+    registers and labels blanked), its line from .loc (line 0: the line
+    before it)."""
+    blocks, labels, ends = [[]], {}, []   # ends[i]: (branch target or None, falls through)
+    line = 0
     for text in ptx.splitlines():
         s = text.strip()
         if s.startswith(".loc"):
-            line = int(s.split()[2])
-            last = line or last
+            line = int(s.split()[2]) or line
+            continue
+        if re.match(r"^\$\w+:$", s):
+            if blocks[-1]:
+                ends.append((None, True))
+                blocks.append([])
+            labels[s[:-1]] = len(blocks) - 1
             continue
         if not s.endswith(";") or not INSTRUCTION.match(s):
             continue
-        line0 += line == 0
-        if last:
-            u = unit.get(last, last)
-            per[u][0] += 1
-            per[u][1] += bool(DIVREM.match(s))
-    return {k: tuple(v) for k, v in per.items()}, line0
+        blocks[-1].append((unit.get(line, line), bool(DIVREM.match(s)), re.sub(r"%\w+|\$\w+", "%", s)))
+        branch = BRANCH.match(s)
+        if branch or re.match(r"^(ret|exit);", s):
+            ends.append((branch.group(3) if branch else None, bool(branch and branch.group(1))))
+            blocks.append([])
+    ends.append((None, False))
+    return [(body, [labels[t] for t in [target] if t] + ([i + 1] if falls and i + 1 < len(blocks) else []))
+            for i, (body, (target, falls)) in enumerate(zip(blocks, ends))]
+
+
+def natural_loops(blocks: list) -> list:
+    """Each loop of the CFG as the set of its blocks (back edges found by a
+    depth-first walk from the entry; one loop per header)."""
+    succ = [s for _, s in blocks]
+    pred = collections.defaultdict(list)
+    for u, ss in enumerate(succ):
+        for v in ss:
+            pred[v].append(u)
+    loops, on_stack, seen = collections.defaultdict(set), set(), set()
+    stack = [(0, iter(succ[0]))]
+    seen.add(0)
+    on_stack.add(0)
+    while stack:
+        u, it = stack[-1]
+        v = next(it, None)
+        if v is None:
+            on_stack.discard(u)
+            stack.pop()
+        elif v in on_stack:  # a back edge u -> v: v's loop holds every block reaching u without passing v
+            body, todo = {v, u}, [u] if u != v else []
+            while todo:
+                x = todo.pop()
+                for y in pred[x]:
+                    if y not in body:
+                        body.add(y)
+                        todo.append(y)
+            loops[v] |= body
+        elif v not in seen:
+            seen.add(v)
+            on_stack.add(v)
+            stack.append((v, iter(succ[v])))
+    return list(loops.values())
+
+
+def ptx_by_statement(ptx: str, unit: dict, loops: dict) -> dict:
+    """{statement: (instructions, 64-bit div/rem)} of a kernel's PTX; a loop
+    header's instructions are split into 'LINE:i', those in blocks nested
+    in more PTX loops than the header is in source loops (inside its own
+    loop), and 'LINE:e', the rest (once per entry: trip count, guard). A block identical to
+    an earlier one (registers and labels aside) counts once: the compiler's
+    copies of a loop (unswitched on a flag, peeled) run instead of each
+    other, not both."""
+    blocks = ptx_blocks(ptx, unit)
+    depth = collections.Counter(b for lp in natural_loops(blocks) for b in lp)
+    per = collections.defaultdict(lambda: [0, 0])
+    copies = set()
+    for b, (body, _) in enumerate(blocks):
+        keys = [f"{u}:{'i' if depth[b] > loops[u][1] else 'e'}" if u in loops else str(u) for u, _, _ in body]
+        copy = tuple(zip(keys, body))
+        if copy in copies:  # a copy the compiler made (unswitched, peeled loops): it runs instead of the other
+            continue
+        copies.add(copy)
+        for key, (_, divrem, _) in zip(keys, body):
+            per[key][0] += 1
+            per[key][1] += divrem
+    return {k: tuple(v) for k, v in per.items()}
 
 
 def no_device(cc) -> None:
@@ -287,12 +385,13 @@ def main() -> int:
     print(versions())
 
     def signature(args):
-        return tuple(T.Array(getattr(T, dt), nd, layout) for dt, nd, layout in args)
+        return tuple(T.UniTuple(getattr(T, dt), nd) if layout == "tuple" else getattr(T, dt) if layout == "scalar"
+                     else T.Array(getattr(T, dt), nd, layout) for dt, nd, layout in args)
 
     failed, done = 0, set()
     for launch in info["launches"]:
         name = launch["kernel"]
-        out = "float16" if any(dt == "float16" for dt, _, _ in launch["args"]) else "float32"
+        out = "float16" if any(a == ["float16", 4, "C"] for a in launch["args"]) else "float32"
         if (name, out) in done or name.split("_")[0] not in wanted or out not in dtypes:
             continue
         done.add((name, out))
@@ -322,28 +421,28 @@ def measure(info, kernels, signature, cc, view: int, statements: bool) -> None:
     from numba import cuda
 
     from pipelines import colour
-    unit = statement_units(Path(colour.__file__).read_text())
-    runs = collections.Counter({int(line): n for line, n in info["runs"].items()})
+    source = Path(colour.__file__).read_text()
+    unit, loops = statement_units(source), loop_bodies(source)
+    runs = collections.Counter(info["runs"])
     no_device(cc)
     undo = rolled_loops()
-    total = divrem = line0 = 0
+    total = divrem = 0
     try:
         for name in dict.fromkeys(launch["kernel"] for launch in info["measured"]):
             args = next(launch["args"] for launch in info["measured"] if launch["kernel"] == name)
             ptx, _ = cuda.compile_ptx(kernels[name].py_func, signature(args), cc=cc, lineinfo=True)
-            per, zero = ptx_by_statement(ptx, unit)
-            line0 += zero
-            for u in sorted(per):
-                n, d = per[u]
-                total, divrem = total + n * runs[u], divrem + d * runs[u]
+            per = ptx_by_statement(ptx, unit, loops)
+            for key in sorted(per, key=lambda k: (int(k.split(":")[0]), k)):
+                n, d = per[key]
+                total, divrem = total + n * runs[key], divrem + d * runs[key]
                 if statements:
-                    print(f"  {name} line {u}: {n} instructions ({d} 64-bit div/rem) x {runs[u]} runs")
+                    print(f"  {name} line {key}: {n} instructions ({d} 64-bit div/rem) x {runs[key]} runs")
     finally:
         undo()
     px = info["pixels"]
     print(f"PTX instructions per output pixel (sm_{cc[0]}{cc[1]}; one {view} x {view} view, every jitter "
           f"operation, grayscale, blur k={KERNEL}, solarize, float32 out): {total / px:.0f}, of them 64-bit "
-          f"div/rem: {divrem / px:.1f} ({line0} instructions had line 0)")
+          f"div/rem: {divrem / px:.1f}")
 
 
 if __name__ == "__main__":
