@@ -120,15 +120,18 @@ def _count_statements(path: str, run) -> dict:
     'LINE:e' (entering the loop) and 'LINE:i' (coming back from its body)."""
     source = Path(path).read_text()
     unit, loops = statement_units(source), loop_bodies(source)
-    counters = []
+    counters, mine = [], threading.local()
     lock = threading.Lock()
 
     def tracer(frame, event, arg):
         if event != "call" or frame.f_code.co_filename != path:
             return None
-        counter, last = collections.Counter(), [None]
-        with lock:
-            counters.append(counter)
+        counter = getattr(mine, "counter", None)
+        if counter is None:
+            counter = mine.counter = collections.Counter()
+            with lock:
+                counters.append(counter)
+        last = [None]
 
         def local(frame, event, arg):
             if event == "line":
