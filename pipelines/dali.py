@@ -60,8 +60,7 @@ from . import colour
 from .base import PipelineError, PlannedLoader, ViewFamily, view_families
 from .data import read_checked
 from .plan import BatchPlan, CropPlan
-from .torchvision import MOSAIC_FILL
-from .views import AugSpec, Views
+from .views import MOSAIC_FILL, AugSpec, Views
 
 # Subtracted before DALI's round-to-nearest conversion to uint8 so that it
 # truncates like PIL's Image.blend.

@@ -87,8 +87,8 @@ from . import colour
 from .base import PipelineError, PlannedLoader, view_families
 from .data import EXIF_ORIENTATION, DataError, Source, cache_root
 from .plan import BatchPlan, CropPlan
-from .views import Views
-from .torchvision import MOSAIC_FILL, decode
+from .torchvision import decode
+from .views import MOSAIC_FILL, Views
 
 
 @contextlib.contextmanager
