@@ -39,7 +39,7 @@ import torch
 from numba import cuda  # the simulator's under NUMBA_ENABLE_CUDASIM=1; kernels read it as a global
 
 
-from .views import MEAN, STD
+from .views import MEAN, MOSAIC_FILL, STD
 
 # The per-view parameter vector (float32).
 P_JITTER, P_ORDER, P_B, P_C, P_S, P_H, P_GRAY, P_SIGMA, P_KERNEL, P_SOLARIZE = 0, 1, 5, 6, 7, 8, 9, 10, 11, 12
@@ -385,6 +385,7 @@ def void_ptr(typingctx, address):
 
 # ---------------------------------------------------------------- CUDA
 _KERNELS = {}
+_FILLS = {}  # (device, dtype) -> MosRep's fill colour, normalised, on that device
 
 
 def _simulated() -> bool:
@@ -566,11 +567,22 @@ def render_views(tiles: torch.Tensor, params: np.ndarray, out: torch.Tensor, thr
         render_kernel[n, threads, stream](*args)
 
 
+def mosaic_fill(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """MOSAIC_FILL normalised as the kernels normalise, [3] in `dtype` on
+    `device`: made and copied once per (device, dtype), not every step (a
+    pageable copy to a GPU waits for the host)."""
+    key = (torch.device(device), dtype)
+    if key not in _FILLS:
+        fill = np.asarray(MOSAIC_FILL, np.float32) * NORM_SCALE + NORM_SHIFT
+        _FILLS[key] = torch.from_numpy(fill).to(device, dtype)
+    return _FILLS[key]
+
+
 def paste_mosaics(tiles: torch.Tensor, mosaic, fill: torch.Tensor, canvas: torch.Tensor,
                   threads: int = THREADS) -> None:
     """MosRep canvases [B, S, S, 3] from rendered tiles [M, B, s, s, 3] by the
     plan's paste table (pipelines.torchvision.paste_mosaics' semantics);
-    `fill` [3] in the canvas's dtype."""
+    `fill` [3] in the canvas's dtype on its device (mosaic_fill)."""
     tables = np.concatenate([mosaic.tile_crop[..., None], mosaic.tile_src[..., None], mosaic.paste], axis=-1)
     tables = torch.from_numpy(np.ascontiguousarray(tables, np.int32))
     if canvas.is_cuda:
@@ -579,3 +591,23 @@ def paste_mosaics(tiles: torch.Tensor, mosaic, fill: torch.Tensor, canvas: torch
     args, stream, threads = _launch_args([tiles, tables[..., 0], tables[..., 1], tables[..., 2:],
                                           fill.to(canvas.device, canvas.dtype), canvas], canvas.device, threads)
     paste_kernel[canvas.shape[0], threads, stream](*args)
+
+
+def render_group(family, plan, tiles: torch.Tensor, dtype: torch.dtype, threads: int = THREADS) -> torch.Tensor:
+    """Everything after the resize for one view family on the device (DALI's
+    GPU graph, FFCV's colour on the device): resized tiles uint8 [count, B,
+    s, s, 3] (overwritten) -> normalised [count, B, 3, s, s] (the mosaic:
+    canvases [B, 3, S, S]) in `dtype`, channels_last. `family` is a
+    pipelines.base.ViewFamily, `plan` its BatchPlan. CPU tensors run the
+    kernels in Numba's CUDA simulator (tests)."""
+    n, batch, s = tiles.shape[0], tiles.shape[1], tiles.shape[2]
+    # the kernels write float32 or float16; bfloat16 takes one conversion pass after them
+    kernel_dtype = dtype if dtype in (torch.float32, torch.float16) else torch.float32
+    out = torch.empty((n, batch, s, s, 3), dtype=kernel_dtype, device=tiles.device)
+    params = view_params(family.plan(plan), family.augs, s).reshape(n * batch, P_LEN)
+    render_views(tiles.view(n * batch, s, s, 3), params, out.view(n * batch, s, s, 3), threads)
+    if family.kind == "mosaic":
+        canvas = torch.empty((batch, family.out_size, family.out_size, 3), dtype=kernel_dtype, device=tiles.device)
+        paste_mosaics(out, plan.mosaic, mosaic_fill(tiles.device, kernel_dtype), canvas, threads)
+        out = canvas
+    return out.to(dtype).movedim(-1, -3)

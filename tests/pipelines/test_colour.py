@@ -166,11 +166,10 @@ def colourless(cp: CropPlan) -> CropPlan:
 @kernels
 @pytest.mark.parametrize("family", ["crops", "original", "mosaic"])
 def test_every_view_family_through_the_kernels(family, tmp_path):
-    """What follows the GPU graph (pipelines.dali.render_group), fed the
+    """What follows the GPU graph (colour.render_group), fed the
     reference's resized tiles, renders the reference's views: crops, the
     original, and mosaic canvases pasted from coloured tiles."""
     from pipelines.base import view_families as _groups
-    from pipelines.dali import render_group
 
     spec = {"crops": ViewSpec(crops=(CropSpec("global", 2, 10, augs=(BUSY,)),)),
             "original": ViewSpec(crops=(CropSpec("global", 1, 8, augs=(BUSY,)),), original=OriginalSpec(9, BUSY)),
@@ -181,7 +180,7 @@ def test_every_view_family_through_the_kernels(family, tmp_path):
     group = _groups(spec)[-1]
     cp = group.plan(plan)
     tiles = torch.from_numpy(render_family(images, colourless(cp))).to(DEVICE)
-    got = render_group(group, plan, tiles, torch.float32)
+    got = colour.render_group(group, plan, tiles, torch.float32)
     assert got.is_contiguous(memory_format=torch.channels_last) if got.dim() == 4 else \
         got.movedim(-3, -1).is_contiguous()
     got = levels(got.movedim(-3, -1))
@@ -207,14 +206,13 @@ def test_every_view_family_through_the_kernels(family, tmp_path):
 @kernels
 def test_bfloat16_views_are_the_float32_views_rounded(tmp_path):
     from pipelines.base import view_families as _groups
-    from pipelines.dali import render_group
 
     spec = ViewSpec(crops=(CropSpec("global", 1, 8, augs=(BUSY,)),))
     _, plan, images = family_data(tmp_path, spec, batch=2)
     group = _groups(spec)[0]
     tiles = render_family(images, colourless(group.plan(plan)))
-    full = render_group(group, plan, torch.from_numpy(tiles.copy()).to(DEVICE), torch.float32)
-    half = render_group(group, plan, torch.from_numpy(tiles.copy()).to(DEVICE), torch.bfloat16)
+    full = colour.render_group(group, plan, torch.from_numpy(tiles.copy()).to(DEVICE), torch.float32)
+    half = colour.render_group(group, plan, torch.from_numpy(tiles.copy()).to(DEVICE), torch.bfloat16)
     assert half.dtype == torch.bfloat16 and torch.equal(half.cpu(), full.cpu().to(torch.bfloat16))
 
 
@@ -226,3 +224,24 @@ def test_mismatched_buffers_are_refused():
         colour.render_views(tiles, params, torch.empty((2, 4, 5, 3)))
     with pytest.raises(ValueError, match="float32 or float16"):
         colour.render_views(tiles, params, torch.empty((2, 4, 4, 3), dtype=torch.bfloat16))
+
+
+@kernels
+def test_the_mosaic_fill_is_made_once_per_device_and_dtype(tmp_path, monkeypatch):
+    """Every step pastes with the same fill tensor on the device: no host
+    tensor and no pageable copy per step."""
+    from pipelines.base import view_families
+
+    spec = ViewSpec(crops=(CropSpec("global", 1, 8, augs=(BUSY,)),), mosaic=MosaicSpec(crop_size=6, jitter=2, aug=BUSY))
+    _, plan, images = family_data(tmp_path, spec)
+    group = view_families(spec)[-1]
+    fills = []
+    real = colour.paste_mosaics
+    monkeypatch.setattr(colour, "paste_mosaics", lambda tiles, mosaic, fill, *a: (fills.append(fill),
+                                                                                  real(tiles, mosaic, fill, *a)))
+    for _ in range(2):
+        tiles = torch.from_numpy(render_family(images, colourless(group.plan(plan)))).to(DEVICE)
+        colour.render_group(group, plan, tiles, torch.float32, threads=THREADS)
+    assert len(fills) == 2 and fills[0] is fills[1] and fills[0].device.type == DEVICE
+    assert colour.mosaic_fill(DEVICE, torch.float32) is fills[0]
+    assert colour.mosaic_fill(DEVICE, torch.float16).dtype == torch.float16
