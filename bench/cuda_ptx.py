@@ -3,7 +3,7 @@ installed (numba-cuda, its NVVM, nvJitLink), and count their PTX
 instructions per output pixel.
 
     python bench/cuda_ptx.py                    # every kernel, float32 + float16 out, sm_90 + sm_80
-    python bench/cuda_ptx.py --arch 9.0 --dtype float32 --kernels render
+    python bench/cuda_ptx.py --arch 9.0 --dtype float32 --kernels pixel
     python bench/cuda_ptx.py --measure --arch 9.0   # the per-pixel count too (minutes: the simulator)
 
 Each kernel is compiled to PTX by NVVM for each architecture and output
@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
-import inspect
 import json
 import os
 import re
@@ -70,15 +69,14 @@ def _child_main(measure: bool, view: int) -> None:
     from pipelines import colour
 
     launches = []
-    real = colour._launch_args
+    real = colour._launch
+    names = {id(k): name for name, k in colour._cuda_kernels().items()}
 
-    def recording(tensors, device, threads):
-        kernel = {"render_views": "render_kernel", "paste_mosaics": "paste_kernel"}[inspect.stack()[1].function]
-        launches.append({"kernel": kernel, "args": [[str(t.dtype).replace("torch.", ""), t.dim(),
-                                                     "C" if t.is_contiguous() else "A"] for t in tensors]})
-        return real(tensors, device, threads)
+    def recording(kernel, grid, threads, args, device, shared=0):
+        launches.append({"kernel": names[id(kernel)], "args": [_arg_type(a) for a in args]})
+        return real(kernel, grid, threads, args, device, shared)
 
-    colour._launch_args = recording
+    colour._launch = recording
     runs = {}
     if measure:
         rng = np.random.default_rng(0)
@@ -87,16 +85,28 @@ def _child_main(measure: bool, view: int) -> None:
         runs = _count_statements(colour.__file__, lambda: colour.render_views(tiles, _view_params(colour, np), out))
     measured = list(launches)
     for dtype in (torch.float32, torch.float16):  # every kernel and output dtype, tiny
-        tiles = torch.zeros((4, 4, 4, 3), dtype=torch.uint8)
         p = np.repeat(_view_params(colour, np), 4, axis=0)
         p[:, colour.P_KERNEL] = 3
-        out = torch.empty(tiles.shape, dtype=dtype)
-        colour.render_views(tiles, p, out, threads=4)
+        out = torch.empty((4, 4, 4, 3), dtype=dtype)
+        for shared in (colour.SHARED_BYTES, 0):  # the tiled blur, then the fallback's two passes
+            colour.render_views(torch.zeros((4, 4, 4, 3), dtype=torch.uint8), p, out, threads=4, shared=shared)
         mosaic = types.SimpleNamespace(tile_crop=np.zeros((1, 4), np.int32), tile_src=np.zeros((1, 4), np.int32),
                                        paste=np.zeros((1, 4, 6), np.int32))
-        colour.paste_mosaics(out.view(4, 1, 4, 4, 3), mosaic, torch.zeros(3, dtype=dtype),
+        colour.paste_mosaics(out.view(4, 1, 4, 4, 3), mosaic, colour.mosaic_fill("cpu", dtype),
                              torch.empty((1, 8, 8, 3), dtype=dtype), threads=4)
     print(json.dumps({"launches": launches, "measured": measured, "runs": runs, "pixels": view * view}))
+
+
+def _arg_type(arg) -> list:
+    """A launch argument as [numba type name, ndim, layout] (what the GPU
+    launch passes: a tensor's device array is 'C' when contiguous; a Python
+    int is int64, a bool boolean, a tuple of float32 a UniTuple)."""
+    import torch
+    if isinstance(arg, torch.Tensor):
+        return [str(arg.dtype).replace("torch.", ""), arg.dim(), "C" if arg.is_contiguous() else "A"]
+    if isinstance(arg, tuple):
+        return [type(arg[0]).__name__, len(arg), "tuple"]
+    return ["boolean" if isinstance(arg, bool) else "int64", 0, "scalar"]
 
 
 def _view_params(colour, np):
@@ -323,13 +333,13 @@ def link(ptx: str, cc, name: str) -> int:
     data = ptx.encode()
     handle = nvjitlink.create(1, [f"-arch=sm_{cc[0]}{cc[1]}".encode()])
     try:
-        nvjitlink.add_data(handle, nvjitlink.InputType.PTX, data, len(data), name)
         try:
+            nvjitlink.add_data(handle, nvjitlink.InputType.PTX, data, len(data), name)
             nvjitlink.complete(handle)
-        except Exception as e:
+        except nvjitlink.nvJitLinkError as e:
             log = bytearray(nvjitlink.get_error_log_size(handle))
             nvjitlink.get_error_log(handle, log)
-            raise RuntimeError(f"nvJitLink: {e}: {log.decode(errors='replace').strip()}") from None
+            raise RuntimeError(f"nvJitLink: {e}: {log.decode(errors='replace').strip(chr(0)).strip()}") from None
         cubin = bytearray(nvjitlink.get_linked_cubin_size(handle))
         nvjitlink.get_linked_cubin(handle, cubin)
         return len(cubin)
@@ -338,17 +348,24 @@ def link(ptx: str, cc, name: str) -> int:
 
 
 def versions() -> str:
+    """What compiles and links, and where each library was found (a pip
+    wheel's folder: site-packages; a system CUDA: CUDA_HOME or /usr/local/cuda)."""
     from importlib import metadata
 
     from cuda.bindings import nvjitlink
+    from cuda.pathfinder import load_nvidia_dynamic_lib
+    from numba.cuda.cuda_paths import get_cuda_paths
 
     def dist(name):
         try:
             return metadata.version(name)
         except metadata.PackageNotFoundError:
             return "not from pip"
-    return (f"numba-cuda {dist('numba-cuda')}, nvidia-nvvm {dist('nvidia-nvvm')}, nvidia-nvjitlink "
-            f"{dist('nvidia-nvjitlink')} (nvJitLink {'.'.join(map(str, nvjitlink.version()))})")
+    nvvm = get_cuda_paths()["nvvm"]
+    linker = load_nvidia_dynamic_lib("nvJitLink")
+    return (f"numba-cuda {dist('numba-cuda')}; NVVM: nvidia-nvvm {dist('nvidia-nvvm')}, {nvvm.info} (found via "
+            f"{nvvm.by}); nvJitLink {'.'.join(map(str, nvjitlink.version()))}: nvidia-nvjitlink "
+            f"{dist('nvidia-nvjitlink')}, {linker.abs_path} (found via {linker.found_via})")
 
 
 def run_child(measure: bool, view: int) -> dict:
@@ -364,7 +381,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="9.0,8.0", help="compute capabilities, comma-separated (H100/H200: 9.0)")
     p.add_argument("--dtype", default="float32,float16", help="output dtypes, comma-separated")
-    p.add_argument("--kernels", default="render,paste", help="kernels, comma-separated")
+    p.add_argument("--kernels", default="pixel,blur,blur_pass,paste",
+                   help="kernels, comma-separated (pipelines/colour.py's _cuda_kernels names)")
     p.add_argument("--measure", action="store_true", help="also count PTX instructions per output pixel")
     p.add_argument("--view", type=int, default=224, help="the representative view's size for --measure")
     p.add_argument("--statements", action="store_true", help="with --measure: the count of every statement")
@@ -384,7 +402,7 @@ def main() -> int:
     from pipelines import colour
     archs = [tuple(int(x) for x in s.split(".")) for s in a.arch.split(",")]
     dtypes, wanted = a.dtype.split(","), a.kernels.split(",")
-    kernels = dict(zip(("render_kernel", "paste_kernel"), colour._cuda_kernels()))
+    kernels = colour._cuda_kernels()
     print(versions())
 
     def signature(args):
@@ -395,7 +413,7 @@ def main() -> int:
     for launch in info["launches"]:
         name = launch["kernel"]
         out = "float16" if any(a == ["float16", 4, "C"] for a in launch["args"]) else "float32"
-        if (name, out) in done or name.split("_")[0] not in wanted or out not in dtypes:
+        if (name, out) in done or name not in wanted or out not in dtypes:
             continue
         done.add((name, out))
         for cc in archs:
