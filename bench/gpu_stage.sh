@@ -17,10 +17,10 @@ cuda=${1:-13.0}
 major=${cuda%%.*}
 root=$(git rev-parse --show-toplevel)
 cd "$root"
-grep -qxF '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 
 rm -rf .gpu
 mkdir -p .gpu/wheels
+echo '*' > .gpu/.gitignore  # the folder ignores itself (in a worktree too, whose .git is a file)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux2010_x86_64 -d .gpu/wheels \
