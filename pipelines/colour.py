@@ -392,10 +392,10 @@ def void_ptr(typingctx, address):
 
 # ---------------------------------------------------------------- CUDA
 # A launch's block: THREADS threads, 32 along a row; each block covers a
-# TILE x TILE tile of one view (grid: view x tile rows x tile columns), so
-# threads walk rows and columns and no pixel index is divided. SHARED_BYTES:
-# the dynamic shared memory a blur block may use (48 KB: every GPU's limit
-# without an opt-in).
+# TILE x TILE tile of one view (the blur's, up to 2 TILE x TILE: _blur_tile;
+# grid: view x tile rows x tile columns), so threads walk rows and columns
+# and no pixel index is divided. SHARED_BYTES: the dynamic shared memory a
+# blur block may use (48 KB: every GPU's limit without an opt-in).
 THREADS, TILE, SHARED_BYTES = 256, 32, 48 * 1024
 _KERNELS = {}
 _FILLS = {}  # (device, dtype) -> MosRep's fill colour, normalised, on that device
@@ -717,8 +717,8 @@ def render_views(tiles: torch.Tensor, params: np.ndarray, out: torch.Tensor, thr
     crops; overwritten), params float32 [N, P_LEN] (`view_params` flattened)
     -> out [N, H, W, 3], normalised, float32 or float16. One pinned H2D copy
     of the parameters, blur weights and view lists (built here: the host has
-    the parameters), then up to three launches on torch's current stream
-    (see _cuda_kernels). `threads` per block, `tile` pixels a side per block,
+    the parameters), then three launches on torch's current stream (four
+    for a blur no shared-memory tile fits; see _cuda_kernels). `threads` per block, `tile` pixels a side per block,
     `shared` bytes of shared memory for a blur block: settable small for the
     simulator."""
     if out.dtype not in (torch.float32, torch.float16):
