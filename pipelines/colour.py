@@ -570,10 +570,10 @@ def _cuda_kernels() -> dict:
         src_stride = (tile_w + 2 * r_max) * 3
         # the taps index shared memory with unsigned integers: Numba wraps negative indices, unsigned ones need not
         uk, three, ustride = np.uint64(k), np.uint64(3), np.uint64(rows_stride)
-        j = ty * bx + tx
-        while j < k:
-            fbuf[j] = weights[i, j]
-            j += bx * by
+        t = ty * bx + tx
+        while t < k:
+            fbuf[t] = weights[i, t]
+            t += bx * by
         yy = ty
         while yy < ny + 2 * r:  # the source tile and its halo, reflected at the view's borders
             sy = reflect(y0 + yy - r, h)
