@@ -408,10 +408,11 @@ def _simulated() -> bool:
 def _kernel(fn):
     """cuda.jit with numba-cuda's on-disk cache: a kernel's first launch in a
     process compiles it (NVVM, then nvJitLink) and stores the PTX and cubin
-    (pipelines/__pycache__, else the user's cache, NUMBA_CACHE_DIR); later
-    processes load them. The key: the kernel's code and device functions,
-    colour.py's time stamp, the signature (output dtype), the GPU's compute
-    capability and numba-cuda's version."""
+    (in NUMBA_CACHE_DIR when set, else pipelines/__pycache__, else
+    ~/.cache/numba); later processes load them. The key: the kernel's code
+    and device functions, colour.py's time stamp, the signature (output
+    dtype), the GPU's compute capability, the CUDA runtime's and
+    numba-cuda's versions."""
     if _simulated():
         return cuda.jit(fn)
     try:
