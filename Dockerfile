@@ -19,14 +19,21 @@ FROM ${BASE_IMAGE}
 # setup.py's `pinned` extra when these are its versions (see below).
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
-# The DALI wheel for the base's CUDA major version (cuda120, cuda130).
+# The DALI wheel for the base's CUDA major version (cuda120, cuda130), and
+# numba-cuda with the extra that brings NVVM and nvJitLink as wheels for it
+# (cu12, cu13): the runtime base has no nvvm/, and the colour kernels are
+# compiled at the first GPU step.
 ARG DALI_PACKAGE=nvidia-dali-cuda130
+ARG NUMBA_CUDA_PACKAGE=numba-cuda[cu13]
 # A pip configuration to use while building (the CPU build points it at the
 # host's settings, mounted for the build only; a missing file is ignored).
 ARG PIP_CONFIG_FILE=/nonexistent
 
+# NVIDIA_DRIVER_CAPABILITIES: `video` makes the container toolkit mount the
+# driver's video libraries, which nvJPEG's hardware decoder (A100, H100) needs.
 ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 \
-    VIEWFORGE_CACHE=/cache THP_MEM_ALLOC_ENABLE=1 PATH=/opt/venv/bin:$PATH
+    VIEWFORGE_CACHE=/cache THP_MEM_ALLOC_ENABLE=1 PATH=/opt/venv/bin:$PATH \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility,video
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv \
@@ -40,7 +47,7 @@ RUN mkdir -p pipelines model/methods bench configs \
     && extras="dev" \
     && if [ "$TORCH_VERSION" = 2.14.1 ] && [ "$TORCHVISION_VERSION" = 0.29.1 ]; then extras="$extras,pinned"; fi \
     && pip install --no-cache-dir "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
-       "${DALI_PACKAGE}>=2.4,<3" -e ".[${extras}]" \
+       "${DALI_PACKAGE}>=2.4,<3" "${NUMBA_CUDA_PACKAGE}>=0.30,<1" -e ".[${extras}]" \
     && rm -rf pipelines model bench configs *.egg-info
 COPY --chown=viewforge:viewforge . .
 RUN pip install --no-cache-dir --no-deps -e . && python3 -c "import torch, pipelines, model.methods" \

@@ -44,10 +44,17 @@ if [ -n "$data" ] && [ ! -d "$data" ]; then
 fi
 
 # numba-cuda staged by bench/gpu_stage.sh: its .pth redirects numba.cuda, so
-# the folder must be a site directory, not merely on PYTHONPATH
+# the folder must be a site directory, not merely on PYTHONPATH; and it goes
+# first (addsitedir appends, and an older numba-cuda or nvJitLink in
+# site-packages would win)
 if [ -d .gpu/site ]; then
   mkdir -p .gpu/hook
-  echo "import site; site.addsitedir('$PWD/.gpu/site')" > .gpu/hook/sitecustomize.py
+  cat > .gpu/hook/sitecustomize.py <<EOF
+import site, sys
+before = list(sys.path)
+site.addsitedir('$PWD/.gpu/site')
+sys.path[:] = [p for p in sys.path if p not in before] + before
+EOF
   export PYTHONPATH=$PWD/.gpu/hook:${PYTHONPATH:-}
 fi
 

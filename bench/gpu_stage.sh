@@ -3,18 +3,29 @@
 # (numba's own is deprecated; numba-cuda replaces it) and whose Python has no
 # package registry. Run from the project root here, after
 # ../shared/device/stage-dali.sh; it prints the device calls to make.
-# numba-cuda needs NVVM (nvidia-nvvm); NVRTC and nvJitLink come with torch.
+#
+#   bash bench/gpu_stage.sh [CUDA]     # CUDA: torch's CUDA major.minor there (default 13.0: torch 2.11.0+cu130)
+#
+# numba-cuda needs NVVM (nvidia-nvvm); the kernels' PTX is linked by
+# nvJitLink. Both are pinned to torch's CUDA minor version: NVVM writes PTX
+# of its own CUDA version, which an older nvJitLink (torch's) refuses
+# ("Unsupported .version"), so an unpinned NVVM (the newest 13.x) would not
+# link there. NVRTC comes with torch.
 set -euo pipefail
+cuda=${1:-13.0}
+[[ "$cuda" =~ ^[0-9]+\.[0-9]+$ ]] || { echo "gpu_stage: CUDA must be major.minor, like 13.0" >&2; exit 2; }
+major=${cuda%%.*}
 root=$(git rev-parse --show-toplevel)
 cd "$root"
-grep -qxF '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 
 rm -rf .gpu
 mkdir -p .gpu/wheels
+echo '*' > .gpu/.gitignore  # the folder ignores itself (in a worktree too, whose .git is a file)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux2010_x86_64 -d .gpu/wheels \
-  numba-cuda==0.30.4 'cuda-bindings>=13,<14' cuda-core cuda-pathfinder 'nvidia-nvvm>=13,<14'
+  numba-cuda==0.30.4 "cuda-bindings>=$major,<$((major + 1))" cuda-core cuda-pathfinder \
+  "nvidia-nvvm==$cuda.*" "nvidia-nvjitlink==$cuda.*"
 
 tar -C .gpu -cf .gpu/all.tar wheels
 rm -rf .gpu/wheels
@@ -33,4 +44,4 @@ for i in $(seq 1 "$n"); do
     echo "  call: carry [\".gpu/p$i\"], command: cat .gpu/p*/part.* | tar -x -C .gpu && python3 -m pip install -q --no-index --no-deps --no-compile --target .gpu/site .gpu/wheels/*.whl && ls .gpu/site"
   fi
 done
-echo "bench/gpu_check.sh then puts .gpu/site first (as a site directory) by itself."
+echo "bench/gpu_check.sh then puts .gpu/site first on sys.path (a site directory, ahead of site-packages) by itself."

@@ -8,12 +8,19 @@ twice:
 
 - for the CPU (`numba.njit`): `augment` / `render`, run per view by the DALI
   CPU graph's Numba operator (pipelines/dali.py);
-- for CUDA (`numba.cuda.jit`): `render_views`, one kernel launch per view
-  family and step over all its views, on torch's current stream, writing
-  normalised pixels straight into the training tensor; `paste_mosaics`
-  builds MosRep's canvases from those tiles. Numba's CUDA simulator
-  (NUMBA_ENABLE_CUDASIM=1) runs the same kernels on the CPU, which is how
-  CI tests them.
+- for CUDA (`numba.cuda.jit`): `render_group`, what follows the resize on
+  a GPU for DALI's GPU graph and FFCV's colour on the device: per view
+  family and step, `render_views` over all its views (up to three launches
+  on torch's current stream, writing normalised pixels straight into the
+  training tensor) and for the mosaic `paste_mosaics`, which builds MosRep's
+  canvases from those tiles. A block covers a tile of one view (a 2-D grid
+  of views x tiles; threads walk rows and columns, no pixel index is
+  divided); each pixel goes through every colour operation in registers,
+  and a blurred view is blurred tile by tile from shared memory. Numba's
+  CUDA simulator (NUMBA_ENABLE_CUDASIM=1) runs the same kernels on the CPU,
+  which is how CI tests them (bench/cuda_ptx.py compiles and links them
+  without a GPU). The kernels compile at their first launch in a process,
+  once per output dtype, into numba-cuda's on-disk cache (`_kernel`).
 
 Bit for bit with Pillow (Blend.c, Convert.c, ImageEnhance) and torchvision's
 Gaussian: float32 where they compute in float, float64 where Pillow mixes
@@ -39,7 +46,7 @@ import torch
 from numba import cuda  # the simulator's under NUMBA_ENABLE_CUDASIM=1; kernels read it as a global
 
 
-from .views import MEAN, STD
+from .views import MEAN, MOSAIC_FILL, STD
 
 # The per-view parameter vector (float32).
 P_JITTER, P_ORDER, P_B, P_C, P_S, P_H, P_GRAY, P_SIGMA, P_KERNEL, P_SOLARIZE = 0, 1, 5, 6, 7, 8, 9, 10, 11, 12
@@ -384,18 +391,52 @@ def void_ptr(typingctx, address):
 
 
 # ---------------------------------------------------------------- CUDA
+# A launch's block: THREADS threads, 32 along a row; each block covers a
+# TILE x TILE tile of one view (the blur's, up to 2 TILE x TILE: _blur_tile;
+# grid: view x tile rows x tile columns), so threads walk rows and columns
+# and no pixel index is divided. SHARED_BYTES: the dynamic shared memory a
+# blur block may use (48 KB: every GPU's limit without an opt-in).
+THREADS, TILE, SHARED_BYTES = 256, 32, 48 * 1024
 _KERNELS = {}
+_FILLS = {}  # (device, dtype) -> MosRep's fill colour, normalised, on that device
 
 
 def _simulated() -> bool:
     return bool(numba.config.ENABLE_CUDASIM)
 
 
-def _cuda_kernels():
-    """(render, paste) kernels for numba.cuda, built on first use; under
-    NUMBA_ENABLE_CUDASIM=1 the simulator's, with plain float32 primitives."""
+def _kernel(fn):
+    """cuda.jit with numba-cuda's on-disk cache: a kernel's first launch in a
+    process compiles it (NVVM, then nvJitLink) and stores the PTX and cubin
+    (in NUMBA_CACHE_DIR when set, else pipelines/__pycache__, else
+    ~/.cache/numba); later processes load them. The key: the kernel's code
+    and device functions, colour.py's time stamp, the signature (output
+    dtype), the GPU's compute capability, the CUDA runtime's and
+    numba-cuda's versions."""
+    if _simulated():
+        return cuda.jit(fn)
+    try:
+        return cuda.jit(cache=True)(fn)
+    except RuntimeError:  # no writable cache folder: compile in every process
+        return cuda.jit(fn)
+
+
+def _cuda_kernels() -> dict:
+    """The kernels for numba.cuda, built on first use; under
+    NUMBA_ENABLE_CUDASIM=1 the simulator's, with plain float32 primitives.
+
+    render_views launches them over a family's views [N, H, W, 3]: `pixel`
+    twice, the totals pass over the views with contrast (the jitter slots
+    before contrast, written back, and the exact int64 sum of the 'L' image
+    that contrast centres on), then the colour pass over every view (the
+    rest of the jitter, grayscale, then for an unblurred view solarize and
+    normalisation into out, for a blurred one the uint8 pixels back in
+    place); then `blur` over the blurred views (each block blurs a tile from
+    shared memory, then solarize and normalisation into out), or, for a
+    radius whose tile does not fit in shared memory, `blur_pass` twice
+    (rows, then columns) through a float32 scratch of the blurred views."""
     if _KERNELS:
-        return _KERNELS["render"], _KERNELS["paste"]
+        return _KERNELS
     device = cuda.jit(device=True)
     if _simulated():
         mul, add, dmul = device(lambda a, b: a * b), device(lambda a, b: a + b), device(lambda a, b: a * b)
@@ -406,176 +447,369 @@ def _cuda_kernels():
     ops = _pixel_ops(device, mul, add, dmul, rint)
     luma, blend, centre, hue, tap = ops.luma, ops.blend, ops.contrast_centre, ops.hue, ops.tap
     round_even_clip, solarize, normalise, reflect = ops.round_even_clip, ops.solarize, ops.normalise, ops.reflect
-    threads = THREADS
 
-    @cuda.jit
-    def render_kernel(img, params, weights, rows, out, scale, shift):
-        """Block n renders view n in place in img [N, H, W, 3] uint8 (rows:
-        float32 [N, H, W*3] scratch for the blur) and writes it normalised
-        into out [N, H, W, 3]. Thread t owns pixels t, t + T, ... in every
-        per-pixel pass; passes that read other threads' pixels (contrast's
-        mean, the blur) sit between barriers."""
-        n = cuda.blockIdx.x
-        tid = cuda.threadIdx.x
-        nt = cuda.blockDim.x
-        h, w = img.shape[1], img.shape[2]
-        x, p = img[n], params[n]
-        partial = cuda.shared.array(threads, numba.int64)
-        centre_of = cuda.shared.array(1, numba.int64)
+    @device
+    def contrast_slot(p):
+        """The slot of contrast in the view's jitter order, -1 when none runs."""
+        slot = -1
         if p[P_JITTER] > 0.5:
             for k in range(4):
-                op = int(p[P_ORDER + k])
-                if op == 1:
-                    cuda.syncthreads()
-                    total = np.int64(0)
-                    for i in range(tid, h * w, nt):
-                        yy, xx = i // w, i % w
-                        total += luma(np.int64(x[yy, xx, 0]), np.int64(x[yy, xx, 1]), np.int64(x[yy, xx, 2]))
-                    partial[tid] = total
-                    cuda.syncthreads()
-                    if tid == 0:
-                        total = np.int64(0)
-                        for j in range(nt):
-                            total += partial[j]
-                        centre_of[0] = centre(total, np.int64(h * w))
-                    cuda.syncthreads()
-                    mean = centre_of[0]
-                    for i in range(tid, h * w, nt):
-                        yy, xx = i // w, i % w
-                        for c in range(3):
-                            x[yy, xx, c] = blend(mean, np.int64(x[yy, xx, c]), p[P_C])
-                elif op == 0 or op == 2:
-                    for i in range(tid, h * w, nt):
-                        yy, xx = i // w, i % w
-                        if op == 0:
-                            base = np.int64(0)
-                        else:
-                            base = luma(np.int64(x[yy, xx, 0]), np.int64(x[yy, xx, 1]), np.int64(x[yy, xx, 2]))
-                        alpha = p[P_B] if op == 0 else p[P_S]
-                        for c in range(3):
-                            x[yy, xx, c] = blend(base, np.int64(x[yy, xx, c]), alpha)
-                elif op == 3:
-                    shift_h = np.int64(p[P_H])
-                    for i in range(tid, h * w, nt):
-                        yy, xx = i // w, i % w
-                        x[yy, xx, 0], x[yy, xx, 1], x[yy, xx, 2] = hue(
-                            np.int64(x[yy, xx, 0]), np.int64(x[yy, xx, 1]), np.int64(x[yy, xx, 2]), shift_h)
-        if p[P_GRAY] > 0.5:
-            for i in range(tid, h * w, nt):
-                yy, xx = i // w, i % w
-                lum = np.uint8(luma(np.int64(x[yy, xx, 0]), np.int64(x[yy, xx, 1]), np.int64(x[yy, xx, 2])))
-                x[yy, xx, 0], x[yy, xx, 1], x[yy, xx, 2] = lum, lum, lum
-        if p[P_SIGMA] > 0:
-            k, wt, row = int(p[P_KERNEL]), weights[n], rows[n]
-            r = k // 2
+                if int(p[P_ORDER + k]) == 1:
+                    slot = k
+        return slot
+
+    @device
+    def jitter(r, g, b, p, first, last, mean):
+        """Jitter slots first..last-1 of view p on one pixel (int64 values)."""
+        for k in range(first, last):
+            op = int(p[P_ORDER + k])
+            if op == 0:
+                alpha = p[P_B]
+                r, g, b = (np.int64(blend(np.int64(0), r, alpha)), np.int64(blend(np.int64(0), g, alpha)),
+                           np.int64(blend(np.int64(0), b, alpha)))
+            elif op == 1:
+                alpha = p[P_C]
+                r, g, b = np.int64(blend(mean, r, alpha)), np.int64(blend(mean, g, alpha)), np.int64(blend(mean, b, alpha))
+            elif op == 2:
+                alpha, lum = p[P_S], luma(r, g, b)
+                r, g, b = np.int64(blend(lum, r, alpha)), np.int64(blend(lum, g, alpha)), np.int64(blend(lum, b, alpha))
+            elif op == 3:
+                hr, hg, hb = hue(r, g, b, np.int64(p[P_H]))
+                r, g, b = np.int64(hr), np.int64(hg), np.int64(hb)
+        return r, g, b
+
+    @device
+    def pick(t, c):
+        """t[c] of a 3-tuple by selects (a runtime index puts the tuple in local memory)."""
+        return t[0] if c == 0 else t[1] if c == 1 else t[2]
+
+    @device
+    def tile_walk(tile, h, w):
+        """A thread's first row, the tile's row end, its first column and the
+        column end, for the block's tile (grid y, z) of an h x w image."""
+        y0, x0 = cuda.blockIdx.y * tile, cuda.blockIdx.z * tile
+        return y0 + cuda.threadIdx.y, min(y0 + tile, h), x0 + cuda.threadIdx.x, min(x0 + tile, w)
+
+    @device
+    def finish(out, v, y, x, c, value, sol, scale, shift):
+        """Solarize (when asked) and normalise one uint8 value into out."""
+        if sol:
+            value = solarize(value)
+        out[v, y, x, c] = normalise(value, pick(scale, c), pick(shift, c))
+
+    @_kernel
+    def pixel_kernel(img, params, views, totals, out, tile, totals_pass, scale, shift):
+        """Block (i, ty, tx): tile (ty, tx) of view views[i], one pixel at a
+        time in registers. The totals pass (views with contrast): the jitter
+        slots before contrast, written back, and the 'L' values of the tile
+        added to totals[view] (integers: exact in any order). The colour pass
+        (every view): the rest of the jitter, grayscale; then a blurred
+        view's pixels go back into img, an unblurred one's, solarized when
+        asked, normalised into out."""
+        v = views[cuda.blockIdx.x]
+        p = params[v]
+        h, w = img.shape[1], img.shape[2]
+        jittered, gray, sol = p[P_JITTER] > 0.5, p[P_GRAY] > 0.5, p[P_SOLARIZE] > 0.5
+        first = contrast_slot(p)  # the totals pass runs the slots before it, the colour pass the rest
+        mean = centre(totals[v], np.int64(h * w)) if first >= 0 and not totals_pass else np.int64(0)
+        back = first > 0 if totals_pass else p[P_SIGMA] > 0  # pixels written back into img, not out
+        first = max(first, 0)
+        block = cuda.shared.array(1, numba.int64)
+        lead = cuda.threadIdx.x == 0 and cuda.threadIdx.y == 0
+        if lead:
+            block[0] = 0
+        cuda.syncthreads()
+        total = np.int64(0)
+        y, y1, x_first, x1 = tile_walk(tile, h, w)
+        while y < y1:
+            x = x_first
+            while x < x1:
+                r, g, b = np.int64(img[v, y, x, 0]), np.int64(img[v, y, x, 1]), np.int64(img[v, y, x, 2])
+                if totals_pass:
+                    r, g, b = jitter(r, g, b, p, 0, first, np.int64(0))
+                    total += luma(r, g, b)
+                else:
+                    if jittered:
+                        r, g, b = jitter(r, g, b, p, first, 4, mean)
+                    if gray:
+                        r = g = b = luma(r, g, b)
+                if back:
+                    img[v, y, x, 0], img[v, y, x, 1], img[v, y, x, 2] = np.uint8(r), np.uint8(g), np.uint8(b)
+                elif not totals_pass:
+                    finish(out, v, y, x, 0, np.uint8(r), sol, scale, shift)
+                    finish(out, v, y, x, 1, np.uint8(g), sol, scale, shift)
+                    finish(out, v, y, x, 2, np.uint8(b), sol, scale, shift)
+                x += cuda.blockDim.x
+            y += cuda.blockDim.y
+        if totals_pass:
+            cuda.atomic.add(block, 0, total)
             cuda.syncthreads()
-            for i in range(tid, h * w * 3, nt):  # along rows, into float32
-                yy, rest = i // (w * 3), i % (w * 3)
-                xx, c = rest // 3, rest % 3
-                acc = np.float32(0)
-                for j in range(k):
-                    acc = tap(acc, wt[j], x[yy, reflect(xx + j - r, w), c])
-                row[yy, rest] = acc
-            cuda.syncthreads()
-            for i in range(tid, h * w * 3, nt):  # along columns, rounded
-                yy, rest = i // (w * 3), i % (w * 3)
-                acc = np.float32(0)
-                for j in range(k):
-                    acc = tap(acc, wt[j], row[reflect(yy + j - r, h), rest])
-                x[yy, rest // 3, rest % 3] = round_even_clip(acc)
-            cuda.syncthreads()
+            if lead:
+                cuda.atomic.add(totals, v, block[0])
+
+    @_kernel
+    def blur_kernel(img, params, views, weights, out, tile_h, tile_w, k_max, scale, shift):
+        """Block (i, ty, tx): the output tile (ty, tx) of blurred view
+        views[i]. Dynamic shared memory (float32 first, then bytes): the
+        weights [k_max]; the rows pass [tile_h + 2r_max, tile_w, 3] float32;
+        the source tile with its reflected halo [tile_h + 2r_max, tile_w +
+        2r_max, 3] uint8. Every output sums its taps in colour.blur's order."""
+        i = cuda.blockIdx.x
+        v = views[i]
+        p = params[v]
+        h, w = img.shape[1], img.shape[2]
+        k = int(p[P_KERNEL])
+        r, r_max = k // 2, k_max // 2
+        y0, x0 = cuda.blockIdx.y * tile_h, cuda.blockIdx.z * tile_w
+        ny, nx = min(tile_h, h - y0), min(tile_w, w - x0)
+        tx, ty, bx, by = cuda.threadIdx.x, cuda.threadIdx.y, cuda.blockDim.x, cuda.blockDim.y
+        fbuf = cuda.shared.array(0, numba.float32)
+        ubuf = cuda.shared.array(0, numba.uint8)
+        rows_at = k_max                                       # float32 index
+        rows_stride = tile_w * 3
+        src_at = 4 * (k_max + (tile_h + 2 * r_max) * rows_stride)  # byte index
+        src_stride = (tile_w + 2 * r_max) * 3
+        # the taps index shared memory with unsigned integers: Numba wraps negative indices, unsigned ones need not
+        uk, three, ustride = np.uint64(k), np.uint64(3), np.uint64(rows_stride)
+        t = ty * bx + tx
+        while t < k:
+            fbuf[t] = weights[i, t]
+            t += bx * by
+        yy = ty
+        while yy < ny + 2 * r:  # the source tile and its halo, reflected at the view's borders
+            sy = reflect(y0 + yy - r, h)
+            xx = tx
+            while xx < nx + 2 * r:
+                sx = reflect(x0 + xx - r, w)
+                at = src_at + yy * src_stride + xx * 3
+                ubuf[at], ubuf[at + 1], ubuf[at + 2] = img[v, sy, sx, 0], img[v, sy, sx, 1], img[v, sy, sx, 2]
+                xx += bx
+            yy += by
         sol = p[P_SOLARIZE] > 0.5
-        dest = out[n]
-        for i in range(tid, h * w, nt):
-            yy, xx = i // w, i % w
-            for c in range(3):
-                v = x[yy, xx, c]
-                if sol:
-                    v = solarize(v)
-                dest[yy, xx, c] = normalise(v, scale[c], shift[c])
-
-    @cuda.jit
-    def paste_kernel(tiles, tile_crop, tile_src, paste, fill, canvas):
-        """canvas[b] (S x S x 3) from tiles [M, B, s, s, 3]: tile t of canvas b
-        is rows [sy, sy + h) and columns [sx, sx + w) of tiles[tile_crop[b, t],
-        tile_src[b, t]] at (dy, dx); the rest takes fill (paste[b, t] =
-        sy, sx, h, w, dy, dx; tiles never overlap)."""
-        b = cuda.blockIdx.x
-        tid = cuda.threadIdx.x
-        nt = cuda.blockDim.x
-        size = canvas.shape[1]
-        for i in range(tid, size * size, nt):
-            yy, xx = i // size, i % size
-            found = False
-            for t in range(paste.shape[1]):
-                sy, sx, h, w, dy, dx = (paste[b, t, 0], paste[b, t, 1], paste[b, t, 2], paste[b, t, 3],
-                                        paste[b, t, 4], paste[b, t, 5])
-                if dy <= yy < dy + h and dx <= xx < dx + w:
-                    src = tiles[tile_crop[b, t], tile_src[b, t]]
+        for along_rows in (True, False):  # the source tile -> float32 rows (halo rows too) -> rounded columns
+            cuda.syncthreads()
+            yy = ty
+            while yy < ny + (2 * r if along_rows else 0):
+                xx = tx
+                while xx < nx:
                     for c in range(3):
-                        canvas[b, yy, xx, c] = src[sy + yy - dy, sx + xx - dx, c]
-                    found = True
-                    break
-            if not found:
+                        at = np.uint64(rows_at + yy * rows_stride + xx * 3 + c)
+                        acc = np.float32(0)
+                        if along_rows:
+                            src = np.uint64(src_at + yy * src_stride + xx * 3 + c)
+                            for j in range(uk):
+                                acc = tap(acc, fbuf[j], ubuf[src + three * j])
+                            fbuf[at] = acc
+                        else:
+                            for j in range(uk):
+                                acc = tap(acc, fbuf[j], fbuf[at + ustride * j])
+                            finish(out, v, y0 + yy, x0 + xx, c, round_even_clip(acc), sol, scale, shift)
+                    xx += bx
+                yy += by
+
+    @_kernel
+    def blur_pass_kernel(img, rows, params, views, weights, out, tile, along_rows, scale, shift):
+        """The fallback, one pass a launch over tiles of the blurred views:
+        along rows, img -> rows[i] [H, W, 3] float32; or along columns,
+        rows[i] -> rounded, solarized when asked, normalised into out."""
+        i = cuda.blockIdx.x
+        v = views[i]
+        h, w = img.shape[1], img.shape[2]
+        k = int(params[v, P_KERNEL])
+        r = k // 2
+        sol = params[v, P_SOLARIZE] > 0.5
+        y, y1, x_first, x1 = tile_walk(tile, h, w)
+        while y < y1:
+            x = x_first
+            while x < x1:
                 for c in range(3):
-                    canvas[b, yy, xx, c] = fill[c]
+                    acc = np.float32(0)
+                    for j in range(k):
+                        if along_rows:
+                            acc = tap(acc, weights[i, j], img[v, y, reflect(x + j - r, w), c])
+                        else:
+                            acc = tap(acc, weights[i, j], rows[i, reflect(y + j - r, h), x, c])
+                    if along_rows:
+                        rows[i, y, x, c] = acc
+                    else:
+                        finish(out, v, y, x, c, round_even_clip(acc), sol, scale, shift)
+                x += cuda.blockDim.x
+            y += cuda.blockDim.y
 
-    _KERNELS.update(render=render_kernel, paste=paste_kernel)
-    return render_kernel, paste_kernel
+    @_kernel
+    def paste_kernel(tiles, tile_crop, tile_src, paste, fill, canvas, tile):
+        """Block (b, ty, tx): tile (ty, tx) of canvas[b] (S x S x 3) from tiles
+        [M, B, s, s, 3]: tile t of canvas b is rows [sy, sy + h) and columns
+        [sx, sx + w) of tiles[tile_crop[b, t], tile_src[b, t]] at (dy, dx);
+        the rest takes fill (paste[b, t] = sy, sx, h, w, dy, dx; tiles never
+        overlap)."""
+        b = cuda.blockIdx.x
+        size = canvas.shape[1]
+        yy, y1, x_first, x1 = tile_walk(tile, size, size)
+        while yy < y1:
+            xx = x_first
+            while xx < x1:
+                found = False
+                for t in range(paste.shape[1]):
+                    sy, sx, h, w, dy, dx = (paste[b, t, 0], paste[b, t, 1], paste[b, t, 2], paste[b, t, 3],
+                                            paste[b, t, 4], paste[b, t, 5])
+                    if dy <= yy < dy + h and dx <= xx < dx + w:
+                        src = tiles[tile_crop[b, t], tile_src[b, t]]
+                        for c in range(3):
+                            canvas[b, yy, xx, c] = src[sy + yy - dy, sx + xx - dx, c]
+                        found = True
+                        break
+                if not found:
+                    for c in range(3):
+                        canvas[b, yy, xx, c] = fill[c]
+                xx += cuda.blockDim.x
+            yy += cuda.blockDim.y
+
+    _KERNELS.update(pixel=pixel_kernel, blur=blur_kernel, blur_pass=blur_pass_kernel, paste=paste_kernel)
+    return _KERNELS
 
 
-def _launch_args(tensors, device: torch.device, threads: int):
-    """Kernel arguments and (grid) stream: device arrays over torch's memory
-    on torch's current stream (no host synchronisation), or numpy arrays in
-    the simulator (CPU tensors)."""
+def _launch(kernel, grid, threads: int, args, device: torch.device, shared: int = 0) -> None:
+    """One launch on torch's current stream: tensors become device arrays
+    over torch's memory (no copy, no host synchronisation), or numpy arrays
+    in the simulator (CPU tensors); other arguments pass as they are."""
+    if 0 in grid:
+        return
+    block = (min(threads, 32), max(1, threads // 32))
     if device.type == "cuda":
         stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
-        return [cuda.as_cuda_array(t, sync=False) for t in tensors], stream, threads
-    if not _simulated():
+        args = [cuda.as_cuda_array(a, sync=False) if isinstance(a, torch.Tensor) else a for a in args]
+    elif _simulated():
+        # the simulator copies each array in and back: inputs may be copies, outputs are contiguous already
+        stream = 0
+        args = [np.ascontiguousarray(a.numpy()) if isinstance(a, torch.Tensor) else a for a in args]
+    else:
         raise RuntimeError("colour: CUDA kernels need CUDA tensors, or NUMBA_ENABLE_CUDASIM=1 for CPU tensors")
-    # the simulator copies each argument in and back: inputs may be copies, outputs are contiguous already
-    return [np.ascontiguousarray(t.numpy()) for t in tensors], 0, threads
+    kernel[grid, block, stream, shared](*args)
 
 
-def render_views(tiles: torch.Tensor, params: np.ndarray, out: torch.Tensor, threads: int = THREADS) -> None:
+def _blur_tile(k_max: int, tile: int, budget: int):
+    """(tile_h, tile_w, bytes) of blur_kernel's shared memory for kernels up
+    to k_max: from 2 x 1 tiles, the largest that fits `budget`, tall before
+    wide (the height sets the rows pass's repeated halo rows, (h + 2r) / h:
+    a narrower tile goes first); None when not even one pixel's fits (then
+    the two-pass fallback)."""
+    r = k_max // 2
+    th, tw = 2 * tile, tile
+    while True:
+        need = 4 * (k_max + (th + 2 * r) * tw * 3) + (th + 2 * r) * (tw + 2 * r) * 3
+        if need <= budget:
+            return th, tw, need
+        if tw > 1:
+            tw //= 2
+        elif th > 1:
+            th //= 2
+        else:
+            return None
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def render_views(tiles: torch.Tensor, params: np.ndarray, out: torch.Tensor, threads: int = THREADS,
+                 tile: int = TILE, shared: int = SHARED_BYTES) -> None:
     """Every view of a family at once: tiles uint8 [N, H, W, 3] (resized
     crops; overwritten), params float32 [N, P_LEN] (`view_params` flattened)
-    -> out [N, H, W, 3], normalised, float32 or float16. One H2D copy of the
-    parameters and weights (pinned), one launch on torch's current stream."""
+    -> out [N, H, W, 3], normalised, float32 or float16. One pinned H2D copy
+    of the parameters, blur weights and view lists (built here: the host has
+    the parameters), then three launches on torch's current stream (four
+    for a blur no shared-memory tile fits; see _cuda_kernels). `threads` per block, `tile` pixels a side per block,
+    `shared` bytes of shared memory for a blur block: settable small for the
+    simulator."""
     if out.dtype not in (torch.float32, torch.float16):
         raise ValueError(f"colour: the kernel writes float32 or float16, not {out.dtype}")
     n, h, w, c = tiles.shape
     if tiles.dtype != torch.uint8 or c != 3 or out.shape != tiles.shape or params.shape != (n, P_LEN):
         raise ValueError(f"colour: tiles {tuple(tiles.shape)} {tiles.dtype}, params {params.shape}, "
                          f"out {tuple(out.shape)} do not fit together")
-    if threads > THREADS:
-        raise ValueError(f"colour: at most {THREADS} threads per view")
-    width = int(max(3, params[:, P_KERNEL].max())) if n else 3
-    host = np.concatenate([params.astype(np.float32), _weight_table(params.astype(np.float32), width)], axis=1)
+    if not 1 <= threads <= 1024 or threads > 32 and threads % 32:
+        raise ValueError(f"colour: {threads} threads per block: 1 to 32, or a multiple of 32 up to 1024")
+    if n == 0:
+        return
+    params = np.ascontiguousarray(params, np.float32)
+    jittered = params[:, P_JITTER] > 0.5
+    contrast = np.flatnonzero(jittered & (params[:, P_ORDER:P_ORDER + 4] == 1).any(axis=1)).astype(np.int32)
+    blurred = np.flatnonzero(params[:, P_SIGMA] > 0).astype(np.int32)
+    k_max = int(params[blurred, P_KERNEL].max()) if len(blurred) else 1
+    # one float32 upload: params [n, P_LEN], weights [blurred, k_max], then the view lists as int32
+    lists = [contrast, np.arange(n, dtype=np.int32), blurred]
+    host = np.concatenate([params.reshape(-1), _weight_table(params[blurred], k_max).reshape(-1)]
+                          + [views.view(np.float32) for views in lists])
     packed = torch.from_numpy(host)
     if tiles.is_cuda:
         packed = packed.pin_memory().to(tiles.device, non_blocking=True)
-    blurred = bool((params[:, P_SIGMA] > 0).any())
-    rows = torch.empty((n, h, w * 3) if blurred else (1, 1, 1), dtype=torch.float32, device=tiles.device)
-    norm = torch.from_numpy(np.stack([NORM_SCALE, NORM_SHIFT]))
-    norm = norm.to(tiles.device, non_blocking=True) if tiles.is_cuda else norm
-    render_kernel, _ = _cuda_kernels()
-    args, stream, threads = _launch_args([tiles, packed[:, :P_LEN], packed[:, P_LEN:], rows, out, norm[0], norm[1]],
-                                         tiles.device, threads)
-    if n:
-        render_kernel[n, threads, stream](*args)
+    at = np.cumsum([0, n * P_LEN, len(blurred) * k_max] + [len(views) for views in lists])
+    dev_params = packed[at[0]:at[1]].view(n, P_LEN)
+    dev_weights = packed[at[1]:at[2]].view(len(blurred), k_max)
+    dev_contrast, dev_all, dev_blurred = (packed[at[i]:at[i + 1]].view(torch.int32) for i in (2, 3, 4))
+    scale, shift = tuple(np.float32(x) for x in NORM_SCALE), tuple(np.float32(x) for x in NORM_SHIFT)
+    kernels, device = _cuda_kernels(), tiles.device
+    totals = torch.zeros(n if len(contrast) else 1, dtype=torch.int64, device=device)
+    for views, totals_pass in ((dev_contrast, True), (dev_all, False)):
+        _launch(kernels["pixel"], (len(views), _cdiv(h, tile), _cdiv(w, tile)), threads,
+                [tiles, dev_params, views, totals, out, tile, totals_pass, scale, shift], device)
+    if not len(blurred):
+        return
+    fits = _blur_tile(k_max, tile, shared)
+    if fits:
+        th, tw, need = fits
+        _launch(kernels["blur"], (len(blurred), _cdiv(h, th), _cdiv(w, tw)), threads,
+                [tiles, dev_params, dev_blurred, dev_weights, out, th, tw, k_max, scale, shift], device, need)
+    else:  # a radius too large for any tile in shared memory: through a scratch of the blurred views
+        rows = torch.empty((len(blurred), h, w, 3), dtype=torch.float32, device=device)
+        for along_rows in (True, False):
+            _launch(kernels["blur_pass"], (len(blurred), _cdiv(h, tile), _cdiv(w, tile)), threads,
+                    [tiles, rows, dev_params, dev_blurred, dev_weights, out, tile, along_rows, scale, shift], device)
+
+
+def mosaic_fill(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """MOSAIC_FILL normalised as the kernels normalise, [3] in `dtype` on
+    `device`: made and copied once per (device, dtype), not every step (a
+    pageable copy to a GPU waits for the host)."""
+    key = (torch.device(device), dtype)
+    if key not in _FILLS:
+        fill = np.asarray(MOSAIC_FILL, np.float32) * NORM_SCALE + NORM_SHIFT
+        _FILLS[key] = torch.from_numpy(fill).to(device, dtype)
+    return _FILLS[key]
 
 
 def paste_mosaics(tiles: torch.Tensor, mosaic, fill: torch.Tensor, canvas: torch.Tensor,
-                  threads: int = THREADS) -> None:
+                  threads: int = THREADS, tile: int = TILE) -> None:
     """MosRep canvases [B, S, S, 3] from rendered tiles [M, B, s, s, 3] by the
     plan's paste table (pipelines.torchvision.paste_mosaics' semantics);
-    `fill` [3] in the canvas's dtype."""
+    `fill` [3] in the canvas's dtype on its device (mosaic_fill)."""
     tables = np.concatenate([mosaic.tile_crop[..., None], mosaic.tile_src[..., None], mosaic.paste], axis=-1)
     tables = torch.from_numpy(np.ascontiguousarray(tables, np.int32))
     if canvas.is_cuda:
         tables = tables.pin_memory().to(canvas.device, non_blocking=True)
-    _, paste_kernel = _cuda_kernels()
-    args, stream, threads = _launch_args([tiles, tables[..., 0], tables[..., 1], tables[..., 2:],
-                                          fill.to(canvas.device, canvas.dtype), canvas], canvas.device, threads)
-    paste_kernel[canvas.shape[0], threads, stream](*args)
+    size = canvas.shape[1]
+    _launch(_cuda_kernels()["paste"], (canvas.shape[0], _cdiv(size, tile), _cdiv(size, tile)), threads,
+            [tiles, tables[..., 0], tables[..., 1], tables[..., 2:], fill.to(canvas.device, canvas.dtype), canvas,
+             tile], canvas.device)
+
+
+def render_group(family, plan, tiles: torch.Tensor, dtype: torch.dtype, threads: int = THREADS,
+                  tile: int = TILE) -> torch.Tensor:
+    """Everything after the resize for one view family on the device (DALI's
+    GPU graph, FFCV's colour on the device): resized tiles uint8 [count, B,
+    s, s, 3] (overwritten) -> normalised [count, B, 3, s, s] (the mosaic:
+    canvases [B, 3, S, S]) in `dtype`, channels_last. `family` is a
+    pipelines.base.ViewFamily, `plan` its BatchPlan. CPU tensors run the
+    kernels in Numba's CUDA simulator (tests)."""
+    n, batch, s = tiles.shape[0], tiles.shape[1], tiles.shape[2]
+    # the kernels write float32 or float16; bfloat16 takes one conversion pass after them
+    kernel_dtype = dtype if dtype in (torch.float32, torch.float16) else torch.float32
+    out = torch.empty((n, batch, s, s, 3), dtype=kernel_dtype, device=tiles.device)
+    params = view_params(family.plan(plan), family.augs, s).reshape(n * batch, P_LEN)
+    render_views(tiles.view(n * batch, s, s, 3), params, out.view(n * batch, s, s, 3), threads, tile)
+    if family.kind == "mosaic":
+        canvas = torch.empty((batch, family.out_size, family.out_size, 3), dtype=kernel_dtype, device=tiles.device)
+        paste_mosaics(out, plan.mosaic, mosaic_fill(tiles.device, kernel_dtype), canvas, threads, tile)
+        out = canvas
+    return out.to(dtype).movedim(-1, -3)

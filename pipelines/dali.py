@@ -4,11 +4,11 @@ Per step (batch B), in the graph:
 
     bytes ─► decoders.image (nvJPEG 'mixed' on the GPU, 'cpu' otherwise; RGB, EXIF applied), once
       └─► per view: resize of the plan's window (ROI, antialiased bilinear; mirrored by swapping x)
-    GPU graph: that is all. After it, pipelines/colour.py's CUDA kernel renders
-      every view of a family in one launch on torch's current stream (colour
-      jitter in the plan's order, grayscale, blur, solarize, normalisation,
-      straight into the training tensor), and a second kernel pastes the
-      mosaics from the rendered tiles.
+    GPU graph: that is all. After it, pipelines/colour.py's CUDA kernels
+      (`colour.render_group`) render every view of a family at once on
+      torch's current stream (colour jitter in the plan's order, grayscale,
+      blur, solarize, normalisation, straight into the training tensor), and
+      one more kernel pastes the mosaics from the rendered tiles.
     CPU graph: per view, the same maths compiled for the CPU (one Numba
       operator: colour, then normalisation), then for the mosaic: cat each
       image's M tiles into a strip, multi_paste by the plan's paste table
@@ -78,8 +78,7 @@ from . import colour
 from .base import PipelineError, PlannedLoader, ViewFamily, view_families
 from .data import read_checked
 from .plan import BatchPlan, CropPlan
-from .torchvision import MOSAIC_FILL
-from .views import AugSpec, Views
+from .views import MOSAIC_FILL, AugSpec, Views
 
 # Subtracted before DALI's round-to-nearest conversion to uint8 so that it
 # truncates like PIL's Image.blend.
@@ -598,7 +597,7 @@ class DaliLoader(PlannedLoader):
             for v in range(group.count):
                 _copy_out(outputs[i + v], tiles[v], stream)
             i += group.count
-            self._place(views, group, render_group(group, plan, tiles, self.dtype))
+            self._place(views, group, colour.render_group(group, plan, tiles, self.dtype))
         return views
 
     def _cpu_views(self, plan: BatchPlan, outputs) -> Views:
@@ -641,24 +640,6 @@ class DaliLoader(PlannedLoader):
 def _normalised(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 values normalised in float32 exactly as the colour kernels do."""
     return torch.from_numpy(pixels.numpy() * colour.NORM_SCALE + colour.NORM_SHIFT)
-
-
-def render_group(group: ViewFamily, plan: BatchPlan, tiles: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """What follows the GPU graph for one view family: resized tiles uint8
-    [count, B, s, s, 3] (overwritten) -> normalised [count, B, 3, s, s]
-    (the mosaic: canvases [B, 3, S, S]) in `dtype`, channels_last. On CPU
-    tensors this runs the same kernels in Numba's CUDA simulator (tests)."""
-    n, batch, s = tiles.shape[0], tiles.shape[1], tiles.shape[2]
-    # the kernels write float32 or float16; bfloat16 takes one conversion pass after them
-    kernel_dtype = dtype if dtype in (torch.float32, torch.float16) else torch.float32
-    out = torch.empty((n, batch, s, s, 3), dtype=kernel_dtype, device=tiles.device)
-    params = colour.view_params(group.plan(plan), group.augs, s).reshape(n * batch, colour.P_LEN)
-    colour.render_views(tiles.view(n * batch, s, s, 3), params, out.view(n * batch, s, s, 3))
-    if group.kind == "mosaic":
-        canvas = torch.empty((batch, group.out_size, group.out_size, 3), dtype=kernel_dtype, device=tiles.device)
-        colour.paste_mosaics(out, plan.mosaic, _normalised(torch.tensor(MOSAIC_FILL, dtype=torch.uint8)), canvas)
-        out = canvas
-    return out.to(dtype).movedim(-1, -3)
 
 
 _TORCH_TYPES = {types.UINT8: torch.uint8, types.FLOAT: torch.float32}

@@ -87,8 +87,8 @@ from . import colour
 from .base import PipelineError, PlannedLoader, view_families
 from .data import EXIF_ORIENTATION, DataError, Source, cache_root
 from .plan import BatchPlan, CropPlan
-from .views import Views
-from .torchvision import MOSAIC_FILL, decode
+from .torchvision import decode
+from .views import MOSAIC_FILL, Views
 
 
 @contextlib.contextmanager
@@ -576,19 +576,11 @@ class FfcvLoader(PlannedLoader):
 
     def _colour_on_device(self, group, plan: BatchPlan, tiles: torch.Tensor) -> torch.Tensor:
         """uint8 tiles [B, count, s, s, 3] -> normalised [count, B, 3, s, s]
-        (the mosaic [1, B, 3, S, S]) by pipelines/colour.py's CUDA kernels."""
-        n, batch, s = group.count, tiles.shape[0], group.size
+        (the mosaic [1, B, 3, S, S]) by pipelines/colour.py's CUDA kernels,
+        as DALI's GPU graph does (colour.render_group)."""
         on_device = tiles.transpose(0, 1).contiguous().to(self.device, non_blocking=True)
-        kernel_dtype = self.dtype if self.dtype in (torch.float32, torch.float16) else torch.float32
-        out = torch.empty((n, batch, s, s, 3), dtype=kernel_dtype, device=self.device)
-        params = colour.view_params(group.plan(plan), group.augs, s).reshape(n * batch, colour.P_LEN)
-        colour.render_views(on_device.view(n * batch, s, s, 3), params, out.view(n * batch, s, s, 3))
-        if group.kind == "mosaic":
-            canvas = torch.empty((batch, group.out_size, group.out_size, 3), dtype=kernel_dtype, device=self.device)
-            fill = torch.from_numpy(colour.NORM_SCALE * np.asarray(MOSAIC_FILL, np.float32) + colour.NORM_SHIFT)
-            colour.paste_mosaics(out, plan.mosaic, fill, canvas)
-            out = canvas[None]
-        return out.to(self.dtype).movedim(-1, -3)
+        out = colour.render_group(group, plan, on_device, self.dtype)
+        return out[None] if group.kind == "mosaic" else out
 
     def close(self) -> None:
         self._stop()

@@ -22,7 +22,7 @@ from . import colour, workers
 from .base import PlannedLoader
 from .data import replacement_image
 from .plan import BatchPlan, CropPlan, Planner
-from .views import MEAN
+from .views import MOSAIC_FILL
 
 try:  # optional faster decode and resize (conda only)
     import accimage
@@ -90,11 +90,6 @@ def render_family(images, plan: CropPlan) -> np.ndarray:
         for v in range(plan.count):
             out[v, b] = render_view(img, plan, v, b)
     return out
-
-
-# What the jitter leaves uncovered: the official code shifts the normalised
-# tensor with zero fill, i.e. the mean colour in pixels.
-MOSAIC_FILL = tuple(int(round(m * 255)) for m in MEAN)
 
 
 def paste_mosaics(tiles: np.ndarray, mosaic) -> np.ndarray:

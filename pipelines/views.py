@@ -247,3 +247,6 @@ class Views:
 # ImageNet statistics, used by every pipeline's normalisation.
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
+# What MosRep's jitter leaves uncovered: the official code shifts the
+# normalised tensor with zero fill, i.e. the mean colour in pixels.
+MOSAIC_FILL = tuple(int(round(m * 255)) for m in MEAN)

@@ -2,9 +2,10 @@
 # The CI stage for containers and Slurm, run by .ci/run after the unit tests:
 #   1. a real one-node Slurm: `sbatch cluster/slurm.sh`, requeued twice mid-job (slurm-job.sh);
 #   2. the CPU image built from the Dockerfile with podman (base-image.sh, build-image.sh);
-#   3. train.py a few steps inside it (image-train.sh);
-#   4. two containers as two nodes, c10d on 127.0.0.1 (two-containers.sh);
-#   5. cluster/slurm.sh running its job inside the image (slurm-job.sh with CONTAINER).
+#   3. the CUDA colour kernels compiled and linked inside it from its pip wheels only, no GPU (image-kernels.sh);
+#   4. train.py a few steps inside it (image-train.sh);
+#   5. two containers as two nodes, c10d on 127.0.0.1 (two-containers.sh);
+#   6. cluster/slurm.sh running its job inside the image (slurm-job.sh with CONTAINER).
 # A part whose tools cannot be installed here (apt, debootstrap, a container
 # that cannot start at all) is skipped with one line saying so; a part that
 # could run and fails fails the stage. Every part runs under a time limit.
@@ -71,6 +72,8 @@ fi
 if [ "$have_podman" = 1 ]; then
   step "CPU image from the Dockerfile"
   if part 900 "image build" "$here/build-image.sh"; then
+    step "CUDA kernels compiled and linked in the image (pip's NVVM and nvJitLink, no GPU)"
+    part 240 "image kernels" "$here/image-kernels.sh"
     step "train.py in the image"
     part 600 "image train" "$here/image-train.sh"
     step "two containers as two nodes"

@@ -4,7 +4,9 @@ torchvision reference (pipelines/torchvision.py, PIL).
 The CUDA kernels run on a GPU when there is one, else in Numba's CUDA
 simulator (tests/conftest.py turns it on), so CI checks them on the CPU.
 The simulator is slow (a Python thread per CUDA thread), hence views of
-8-12 px and a few samples. Tolerances: none. The CPU operator, the CUDA
+5-12 px, a few samples, and small blocks and tiles (4-8 threads, tiles of
+3-4 px), which also put tile edges inside the views and blur halos wider
+than a tile. Tolerances: none. The CPU operator, the CUDA
 kernel and the reference agree bit for bit everywhere (same maths, same
 summation order, no fused multiply-adds), blur included: the reference
 blurs with the same separable pass, which is torchvision's gaussian_blur
@@ -14,6 +16,11 @@ test_separable_blur_is_torchvisions).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -146,6 +153,107 @@ def test_kernel_is_the_cpu_operator_bit_for_bit(out_dtype):
     assert torch.equal(out.cpu(), torch.from_numpy(want).to(out_dtype))
 
 
+def mixed_params(rng, n, kernels) -> np.ndarray:
+    """n views' parameters: jitter in a random order with contrast in every
+    slot in turn (view i: slot i % 4), view 4j+3 without jitter; grayscale
+    and solarize at random; blur with kernels[i] (0: unblurred)."""
+    p = np.zeros((n, colour.P_LEN), np.float32)
+    for i in range(n):
+        others = rng.permutation([0, 2, 3]).tolist()
+        p[i, colour.P_ORDER:colour.P_ORDER + 4] = others[:i % 4] + [1] + others[i % 4:]
+    p[:, colour.P_JITTER] = np.arange(n) % 8 != 7
+    p[:, colour.P_B:colour.P_H] = rng.uniform(0.2, 1.8, (n, 3))
+    p[:, colour.P_H] = rng.integers(0, 256, n)
+    p[:, colour.P_GRAY] = rng.random(n) < 0.3
+    p[:, colour.P_SOLARIZE] = rng.random(n) < 0.5
+    p[:, colour.P_KERNEL] = np.maximum(kernels, 3)
+    p[:, colour.P_SIGMA] = np.where(np.asarray(kernels) > 0, rng.uniform(0.3, 2.5, n), 0)
+    return p
+
+
+def kernels_against_cpu(params, h, w, out_dtype=torch.float32, **launch):
+    """render_views on photos against colour.render, view by view."""
+    rng = np.random.default_rng(len(params) * 100 + h * 10 + w)
+    images = np.stack([photo(rng, h, w) for _ in range(len(params))])
+    out = torch.empty(images.shape, dtype=out_dtype, device=DEVICE)
+    colour.render_views(torch.from_numpy(images.copy()).to(DEVICE), params, out, **launch)
+    want = np.empty(images.shape, np.float32)
+    for n in range(len(images)):
+        colour.render(want[n], images[n], params[n])
+    for n in range(len(images)):
+        assert torch.equal(out[n].cpu(), torch.from_numpy(want[n]).to(out_dtype)), (n, params[n])
+
+
+@kernels
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("h, w, tile, threads", [(10, 7, 4, 8), (9, 11, 3, 4), (5, 6, 32, 8)])
+def test_tiles_cut_any_view_size_with_any_blur_radius(h, w, tile, threads, out_dtype):
+    """Views whose sides are no multiple of the tile (tiles of 3 and 4 px,
+    one tile larger than the view), blur radii up to 4 (beyond a 3 px tile:
+    the halo spans neighbouring tiles), blurred and unblurred views in one
+    launch, contrast in each slot of the jitter order: all as the CPU
+    operator, bit for bit."""
+    rng = np.random.default_rng(h * w)
+    kernels = [9, 0, 5, 7, 3, 0, 9, 0]
+    kernels_against_cpu(mixed_params(rng, 8, kernels), h, w, out_dtype, threads=threads, tile=tile)
+
+
+@kernels
+def test_a_blur_too_wide_for_shared_memory_takes_narrower_tiles_then_the_fallback():
+    """The tiled blur's shared memory is bounded: wider radii take narrower
+    tiles, and a radius no tile fits goes through the two-pass fallback
+    (a float32 scratch of the blurred views): the same pixels either way."""
+    k, tile = 9, 4
+
+    def need(th, tw):  # bytes: weights and the rows pass in float32, the source tile with its halo in uint8
+        return 4 * (k + (th + 8) * tw * 3) + (th + 8) * (tw + 8) * 3
+    assert colour._blur_tile(k, tile, 10 ** 6) == (8, 4, need(8, 4))
+    narrow = colour._blur_tile(k, tile, need(8, 2))
+    assert narrow == (8, 2, need(8, 2))
+    assert colour._blur_tile(k, tile, 100) is None
+    # at the real sizes: 23 at 224 px (blur_kernel_frac 0.1) fits 64 x 32 tiles; 45 (0.2) 64 x 16; 129 no tile
+    assert colour._blur_tile(23, 32, colour.SHARED_BYTES)[:2] == (64, 32)
+    assert colour._blur_tile(45, 32, colour.SHARED_BYTES)[:2] == (64, 16)
+    assert colour._blur_tile(129, 32, colour.SHARED_BYTES) is None
+    params = mixed_params(np.random.default_rng(4), 4, [9, 0, 7, 9])
+    for shared in (narrow[2], 100):
+        kernels_against_cpu(params, 10, 10, threads=8, tile=tile, shared=shared)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_kernels_at_full_size_on_the_gpu(out_dtype):
+    """The default launch (256 threads, 32 px tiles) at the recipes' sizes:
+    224 px with k = 23 and 45 (blur_kernel_frac 0.1 and 0.2), 96 px, and a
+    kernel of 129 that takes the fallback."""
+    rng = np.random.default_rng(7)
+    kernels_against_cpu(mixed_params(rng, 8, [23, 0, 45, 23, 0, 45, 23, 0]), 224, 224, out_dtype)
+    kernels_against_cpu(mixed_params(rng, 8, [9, 0, 9, 9, 0, 0, 9, 9]), 96, 96, out_dtype)
+    kernels_against_cpu(mixed_params(rng, 4, [129, 0, 129, 23]), 160, 160, out_dtype)
+
+
+def test_kernels_use_numba_cudas_disk_cache_with_a_key_every_process_shares():
+    """Outside the simulator each kernel is built with numba-cuda's on-disk
+    cache, and its cache key (the kernel's code and the device functions it
+    closes over, with the signature and the GPU's compute capability) comes
+    out the same in every process: a second process or rank loads the
+    kernel instead of compiling it. Building needs no GPU; the compiler's
+    part (the capability, the CUDA runtime) is left out here."""
+    if importlib.util.find_spec("numba_cuda") is None:
+        pytest.skip("needs numba-cuda[cu13] (the dali extra)")
+    code = ("import types; from pipelines import colour; ks = colour._cuda_kernels(); "
+            "fake = types.SimpleNamespace(magic_tuple=lambda: ('runtime', (9, 0))); "
+            "print([(name, type(k._cache).__name__, k._cache._index_key('sig', fake)) for name, k in ks.items()])")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    root = Path(__file__).resolve().parents[2]
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                           cwd=root) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-3000:]
+    assert runs[0].stdout == runs[1].stdout
+    assert runs[0].stdout.count("'CUDACache'") == len(colour._cuda_kernels())
+
+
 def family_data(tmp_path, spec, batch=4, seed=0):
     """A plan of `spec` over lossless photos, and the decoded images."""
     rng = np.random.default_rng(seed)
@@ -166,11 +274,10 @@ def colourless(cp: CropPlan) -> CropPlan:
 @kernels
 @pytest.mark.parametrize("family", ["crops", "original", "mosaic"])
 def test_every_view_family_through_the_kernels(family, tmp_path):
-    """What follows the GPU graph (pipelines.dali.render_group), fed the
+    """What follows the GPU graph (colour.render_group), fed the
     reference's resized tiles, renders the reference's views: crops, the
     original, and mosaic canvases pasted from coloured tiles."""
     from pipelines.base import view_families as _groups
-    from pipelines.dali import render_group
 
     spec = {"crops": ViewSpec(crops=(CropSpec("global", 2, 10, augs=(BUSY,)),)),
             "original": ViewSpec(crops=(CropSpec("global", 1, 8, augs=(BUSY,)),), original=OriginalSpec(9, BUSY)),
@@ -181,7 +288,7 @@ def test_every_view_family_through_the_kernels(family, tmp_path):
     group = _groups(spec)[-1]
     cp = group.plan(plan)
     tiles = torch.from_numpy(render_family(images, colourless(cp))).to(DEVICE)
-    got = render_group(group, plan, tiles, torch.float32)
+    got = colour.render_group(group, plan, tiles, torch.float32)
     assert got.is_contiguous(memory_format=torch.channels_last) if got.dim() == 4 else \
         got.movedim(-3, -1).is_contiguous()
     got = levels(got.movedim(-3, -1))
@@ -207,14 +314,13 @@ def test_every_view_family_through_the_kernels(family, tmp_path):
 @kernels
 def test_bfloat16_views_are_the_float32_views_rounded(tmp_path):
     from pipelines.base import view_families as _groups
-    from pipelines.dali import render_group
 
     spec = ViewSpec(crops=(CropSpec("global", 1, 8, augs=(BUSY,)),))
     _, plan, images = family_data(tmp_path, spec, batch=2)
     group = _groups(spec)[0]
     tiles = render_family(images, colourless(group.plan(plan)))
-    full = render_group(group, plan, torch.from_numpy(tiles.copy()).to(DEVICE), torch.float32)
-    half = render_group(group, plan, torch.from_numpy(tiles.copy()).to(DEVICE), torch.bfloat16)
+    full = colour.render_group(group, plan, torch.from_numpy(tiles.copy()).to(DEVICE), torch.float32)
+    half = colour.render_group(group, plan, torch.from_numpy(tiles.copy()).to(DEVICE), torch.bfloat16)
     assert half.dtype == torch.bfloat16 and torch.equal(half.cpu(), full.cpu().to(torch.bfloat16))
 
 
@@ -226,3 +332,24 @@ def test_mismatched_buffers_are_refused():
         colour.render_views(tiles, params, torch.empty((2, 4, 5, 3)))
     with pytest.raises(ValueError, match="float32 or float16"):
         colour.render_views(tiles, params, torch.empty((2, 4, 4, 3), dtype=torch.bfloat16))
+
+
+@kernels
+def test_the_mosaic_fill_is_made_once_per_device_and_dtype(tmp_path, monkeypatch):
+    """Every step pastes with the same fill tensor on the device: no host
+    tensor and no pageable copy per step."""
+    from pipelines.base import view_families
+
+    spec = ViewSpec(crops=(CropSpec("global", 1, 8, augs=(BUSY,)),), mosaic=MosaicSpec(crop_size=6, jitter=2, aug=BUSY))
+    _, plan, images = family_data(tmp_path, spec)
+    group = view_families(spec)[-1]
+    fills = []
+    real = colour.paste_mosaics
+    monkeypatch.setattr(colour, "paste_mosaics", lambda tiles, mosaic, fill, *a: (fills.append(fill),
+                                                                                  real(tiles, mosaic, fill, *a)))
+    for _ in range(2):
+        tiles = torch.from_numpy(render_family(images, colourless(group.plan(plan)))).to(DEVICE)
+        colour.render_group(group, plan, tiles, torch.float32, threads=THREADS)
+    assert len(fills) == 2 and fills[0] is fills[1] and fills[0].device.type == DEVICE
+    assert colour.mosaic_fill(DEVICE, torch.float32) is fills[0]
+    assert colour.mosaic_fill(DEVICE, torch.float16).dtype == torch.float16
