@@ -563,7 +563,8 @@ class FfcvLoader(PlannedLoader):
             else:
                 if group.kind == "mosaic":
                     pixels = pixels[:, None]
-                out = torch.empty(pixels.shape[1:2] + pixels.shape[:1] + pixels.shape[2:], dtype=torch.float32)
+                out = torch.empty(pixels.shape[1:2] + pixels.shape[:1] + pixels.shape[2:], dtype=torch.float32,
+                                  pin_memory=self.device.type == "cuda")  # so its copy to a GPU does not block
                 out.copy_(pixels.transpose(0, 1))
                 out = out.to(self.device, self.dtype, non_blocking=True).movedim(-1, -3)
             if group.kind == "crops":
@@ -578,7 +579,10 @@ class FfcvLoader(PlannedLoader):
         """uint8 tiles [B, count, s, s, 3] -> normalised [count, B, 3, s, s]
         (the mosaic [1, B, 3, S, S]) by pipelines/colour.py's CUDA kernels,
         as DALI's GPU graph does (colour.render_group)."""
-        on_device = tiles.transpose(0, 1).contiguous().to(self.device, non_blocking=True)
+        staged = torch.empty(tiles.shape[1:2] + tiles.shape[:1] + tiles.shape[2:], dtype=torch.uint8,
+                             pin_memory=self.device.type == "cuda")  # pageable memory would make the copy block
+        staged.copy_(tiles.transpose(0, 1))
+        on_device = staged.to(self.device, non_blocking=True)
         out = colour.render_group(group, plan, on_device, self.dtype)
         return out[None] if group.kind == "mosaic" else out
 
