@@ -49,6 +49,7 @@ import hashlib
 import io
 import json
 import math
+import multiprocessing
 import os
 import pathlib
 import queue
@@ -78,7 +79,7 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.reader import Reader
 from ffcv.traversal_order.base import TraversalOrder
-from ffcv.writer import DatasetWriter
+from ffcv.writer import MAX_PAGE_SIZE, MIN_PAGE_SIZE, DatasetWriter
 
 torch.set_num_threads(_TORCH_THREADS)
 numba.set_num_threads(_NUMBA_THREADS)  # thread-local in Numba: this (importing) thread's
@@ -614,6 +615,26 @@ def _stored_size(widths, heights, max_side: Optional[int]):
 
 
 # ---------------------------------------------------------------- the writer
+# FFCV keeps each record inside one page and refuses, in a worker, a record
+# larger than a page. DatasetWriter wants a power of two from 2 MiB to below
+# 4 GiB (the header stores it in 32 bits) and defaults to 8 MiB; the reader
+# finds a record's page by shifting its pointer by log2(page) and, with
+# os_cache=False only, holds whole pages in memory, so any such page reads back.
+_DEFAULT_PAGE = 4 * MIN_PAGE_SIZE
+_CHUNK = 64  # records a writer worker takes at a time (FFCV's chunksize)
+_PLACEHOLDER = (_RAW, 1, 1, np.zeros(3, np.uint8))
+
+
+def _page_size(largest: int, what: str) -> int:
+    """The smallest power of two that holds a record of `largest` bytes, and
+    never less than FFCV's default page."""
+    page = max(_DEFAULT_PAGE, 1 << max(0, int(largest) - 1).bit_length())
+    if page >= MAX_PAGE_SIZE:
+        raise DataError(f"{what}: {int(largest):,} bytes do not fit a page of a .beton (FFCV's pages are under "
+                        "4 GiB); leave it out or shrink it with --max-side")
+    return page
+
+
 def _stored_image_field() -> RGBImageField:
     """FFCV's RGBImageField (so that any FFCV reads the file) whose records
     arrive ready: (mode, width, height, bytes)."""
@@ -623,6 +644,7 @@ def _stored_image_field() -> RGBImageField:
 
 
 def _encode_record(destination, record, malloc):
+    """One record into FFCV's metadata and page; `_Records` made sure it fits a page."""
     mode, width, height, payload = record
     destination["mode"], destination["width"], destination["height"] = mode, width, height
     destination["data_ptr"], storage = malloc(payload.nbytes)
@@ -654,10 +676,17 @@ class _Records:
     """The source as FFCV's writer reads it (in its worker processes):
     ((mode, width, height, bytes), source position). A file that fails
     becomes a 1-pixel placeholder at position -1 (FFCV's writer waits
-    forever for a record whose worker raised), which the loader leaves out."""
+    forever for a record whose worker raised), which the loader leaves out.
+    So does a record larger than `page_size` (only a re-encoded image can
+    be: the page holds the largest file), and `oversized` keeps the largest
+    such size and its position (shared by the workers), for the write to be
+    done again with a page that holds it: FFCV's encode never gets a record
+    it refuses."""
 
-    def __init__(self, source: Source, quality: int, max_side: Optional[int], raw_max_pixels: int):
+    def __init__(self, source: Source, quality: int, max_side: Optional[int], raw_max_pixels: int, page_size: int):
         self.source, self.quality, self.max_side, self.raw_max_pixels = source, quality, max_side, raw_max_pixels
+        self.page_size = page_size
+        self.oversized = multiprocessing.Array(ctypes.c_int64, [0, -1])  # bytes, position
 
     def __len__(self):
         return len(self.source)
@@ -665,10 +694,24 @@ class _Records:
     def __getitem__(self, i):
         s = self.source
         try:
-            return _record(s.paths[i], int(s.widths[i]), int(s.heights[i]), self.quality, self.max_side,
-                           self.raw_max_pixels), i
+            record = _record(s.paths[i], int(s.widths[i]), int(s.heights[i]), self.quality, self.max_side,
+                             self.raw_max_pixels)
         except Exception:  # PIL raises many kinds
-            return (_RAW, 1, 1, np.zeros(3, np.uint8)), -1
+            return _PLACEHOLDER, -1
+        size = record[3].nbytes
+        if size > self.page_size:
+            with self.oversized.get_lock():
+                if size > self.oversized[0]:
+                    self.oversized[0], self.oversized[1] = size, i
+            return _PLACEHOLDER, -1
+        return record, i
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:  # gone since indexing: the worker finds it and skips it
+        return 0
 
 
 def write_beton(source: Source, out, *, jpeg_quality: int = DEFAULT_QUALITY, max_side: Optional[int] = None,
@@ -676,12 +719,25 @@ def write_beton(source: Source, out, *, jpeg_quality: int = DEFAULT_QUALITY, max
     """Write `source` as a .beton at `out` atomically (a temporary file in the
     same folder, then a rename), with FFCV's progress bar. Returns
     {'written', 'skipped_index', 'skipped_write'}: images stored, files the
-    index had left out, files that failed to decode here."""
+    index had left out, files that failed to decode here.
+
+    Page size: FFCV stores each record inside one page. The page is the
+    smallest power of two that holds the largest file (one stat per file; a
+    kept JPEG is stored as its file), 8 MiB (FFCV's default) at least, under
+    4 GiB. A re-encoded image larger than that page (rare: a converted or
+    non-JPEG image that compresses worse than the largest file) is found
+    while writing, and the write is done once more with a page that holds it.
+    A larger page costs file size: each page is written whole, so the
+    padding before the first page, each worker's last page and the unused
+    tails of pages grow with it. Reading maps the file (FFCV's os_cache, the
+    loader's default), where the page size does not enter."""
     out = pathlib.Path(out).expanduser()
     if not 1 <= int(jpeg_quality) <= 100:
         raise DataError(f"--jpeg-quality must lie in 1..100, not {jpeg_quality}")
     if max_side is not None and max_side < 1:
         raise DataError(f"--max-side must be positive, not {max_side}")
+    if not len(source):
+        raise DataError(f"{source.name}: no images to write")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -690,8 +746,23 @@ def write_beton(source: Source, out, *, jpeg_quality: int = DEFAULT_QUALITY, max
         raise DataError(f"cannot write {out}: {e.strerror or e}") from None
     try:
         workers = workers or max(1, min(8, os.cpu_count() or 1))
-        writer = DatasetWriter(tmp, {"image": _stored_image_field(), "source_index": IntField()}, num_workers=workers)
-        writer.from_indexed_dataset(_Records(source, int(jpeg_quality), max_side, raw_max_pixels), chunksize=64)
+        fields = {"image": _stored_image_field(), "source_index": IntField()}
+        sizes = [_file_size(p) for p in source.paths]
+        largest = int(np.argmax(sizes))
+        page = _page_size(sizes[largest], source.paths[largest])
+        for attempt in range(2):
+            records = _Records(source, int(jpeg_quality), max_side, raw_max_pixels, page)
+            writer = DatasetWriter(tmp, fields, page_size=page, num_workers=workers)
+            writer.from_indexed_dataset(records, chunksize=_CHUNK)
+            need, at = records.oversized
+            if not need:
+                break
+            if attempt:
+                raise DataError(f"{source.paths[at]}: its record grew to {need:,} bytes while {out} was written; "
+                                "write it again")
+            page, was = _page_size(need, source.paths[at]), page
+            print(f"note: {source.paths[at]} takes {need:,} bytes once re-encoded, more than the {was:,}-byte "
+                  f"page the largest file asked for; writing {out} again with {page:,}-byte pages", file=sys.stderr)
         failed = int((Reader(tmp).metadata["f1"] < 0).sum())
         if failed == len(source):
             raise DataError(f"{source.name}: none of its {len(source)} images could be decoded")
