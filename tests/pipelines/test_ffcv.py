@@ -223,6 +223,73 @@ def test_a_re_encoded_image_larger_than_the_page_is_written_again_with_a_larger_
     assert "writing " + str(out) + " again with 16,777,216-byte pages" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def victim(tmp_path_factory):
+    """Small JPEGs in two classes and one, `victim.jpg`, 37 px wide (the only
+    width of 37) for a writer worker to fail on."""
+    root = make_image_folder(tmp_path_factory.mktemp("victim"), classes=2, per_class=3, size=(24, 24))
+    Image.fromarray(np.full((23, 37, 3), 90, np.uint8)).save(root / "class1" / "victim.jpg", quality=90)
+    return root
+
+
+INJECTED = """
+import os, signal, sys, time
+from pathlib import Path
+import pipelines.ffcv as ffcv
+from pipelines.base import PipelineError
+from pipelines.data import open_source
+
+encode = ffcv._encode_record
+def failing(destination, record, malloc):  # runs in the writer's worker processes (forked)
+    if record[1] == 37:
+        {action}
+    encode(destination, record, malloc)
+ffcv._encode_record = failing
+
+def children():  # this process's children, but multiprocessing's resource tracker (it ends with us)
+    kids = Path(f"/proc/self/task/{{os.getpid()}}/children").read_text().split()
+    return [k for k in kids if b"resource_tracker" not in Path(f"/proc/{{k}}/cmdline").read_bytes()]
+
+start = time.monotonic()
+if {entry!r} == "command":
+    code = ffcv.main(["write", "--data", {data!r}, "--out", {out!r}])
+else:
+    try:
+        ffcv.ensure_beton(open_source({data!r}, progress=False))
+        code = 0
+    except PipelineError as e:  # train.py prints it as one line, exit 2
+        print(f"error: {{e}}", file=sys.stderr)
+        code = 2
+print("seconds", round(time.monotonic() - start, 1), "children", children())
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("entry", ["command", "ensure_beton"])
+@pytest.mark.parametrize("failure, reason", [("raise RuntimeError('injected')", "RuntimeError: injected"),
+                                             ("os.kill(os.getpid(), signal.SIGKILL)", "SIGKILL")])
+def test_a_writer_worker_that_fails_ends_the_write_with_one_line_naming_the_file(victim, tmp_path, entry, failure,
+                                                                                reason):
+    """An exception in a worker, or its death without a word (the OOM
+    killer): FFCV's writer waited for ever for the worker's records. Now the
+    write ends at once with one line naming the file, exit 2, and no worker
+    process is left."""
+    out = tmp_path / "out" / "victim.beton"
+    code = INJECTED.format(action=failure, entry=entry, data=str(victim), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "VIEWFORGE_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]  # (FFCV's progress bar writes \r)
+    assert lines[-1].startswith("error: ") and sum(line.startswith("error") for line in lines) == 1, proc.stderr
+    assert str(victim / "class1" / "victim.jpg") in lines[-1] and reason in lines[-1], lines[-1]
+    assert "Traceback" not in proc.stderr
+    seconds, children = proc.stdout.split()[1], proc.stdout.split("children", 1)[1].strip()
+    assert children == "[]", proc.stdout
+    assert float(seconds) < 60, proc.stdout
+    if entry == "command":
+        assert not out.parent.exists() or os.listdir(out.parent) == []  # no .beton, no temporary file
+
+
 def test_torch_keeps_its_thread_count(tmp_path):
     """FFCV sets torch's (process-wide) thread count to its own on import,
     when a loader is built and from each epoch's thread; the model must keep
