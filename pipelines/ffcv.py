@@ -49,12 +49,15 @@ import hashlib
 import io
 import json
 import math
+import multiprocessing
 import os
 import pathlib
 import queue
+import signal
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import replace
 from typing import Iterator, Optional
 
@@ -62,6 +65,7 @@ import numba
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 # FFCV's Compiler.set_num_threads(n) sets torch's thread count too, which is
 # process-wide: FFCV calls it on import (n = 1), when a loader is built and
@@ -72,13 +76,15 @@ from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.rgb_image import IMAGE_MODES
 from ffcv.loader import Loader
 from ffcv.loader.epoch_iterator import EpochIterator
+from ffcv.memory_allocator import MemoryAllocator
 from ffcv.pipeline import PipelineSpec
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.reader import Reader
 from ffcv.traversal_order.base import TraversalOrder
-from ffcv.writer import DatasetWriter
+from ffcv.types import ALLOC_TABLE_TYPE
+from ffcv.writer import MAX_PAGE_SIZE, MIN_PAGE_SIZE, DatasetWriter, handle_sample
 
 torch.set_num_threads(_TORCH_THREADS)
 numba.set_num_threads(_NUMBA_THREADS)  # thread-local in Numba: this (importing) thread's
@@ -611,6 +617,28 @@ def _stored_size(widths, heights, max_side: Optional[int]):
 
 
 # ---------------------------------------------------------------- the writer
+# FFCV keeps each record inside one page and refuses, in a worker, a record
+# larger than a page. DatasetWriter wants a power of two from 2 MiB to below
+# 4 GiB (the header stores it in 32 bits) and defaults to 8 MiB; the reader
+# finds a record's page by shifting its pointer by log2(page) and, with
+# os_cache=False only, holds whole pages in memory, so any such page reads back.
+_DEFAULT_PAGE = 4 * MIN_PAGE_SIZE
+_CHUNK = 64  # records a writer worker takes at a time
+_STOP_S = 5.0  # how long a writer worker told to stop may take before it is killed
+_PLACEHOLDER = (_RAW, 1, 1, np.zeros(3, np.uint8))
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _page_size(largest: int, what: str) -> int:
+    """The smallest power of two that holds a record of `largest` bytes, and
+    never less than FFCV's default page."""
+    page = max(_DEFAULT_PAGE, 1 << max(0, int(largest) - 1).bit_length())
+    if page >= MAX_PAGE_SIZE:
+        raise DataError(f"{what}: {int(largest):,} bytes do not fit a page of a .beton (FFCV's pages are under "
+                        "4 GiB); leave it out or shrink it with --max-side")
+    return page
+
+
 def _stored_image_field() -> RGBImageField:
     """FFCV's RGBImageField (so that any FFCV reads the file) whose records
     arrive ready: (mode, width, height, bytes)."""
@@ -620,6 +648,7 @@ def _stored_image_field() -> RGBImageField:
 
 
 def _encode_record(destination, record, malloc):
+    """One record into FFCV's metadata and page; `_Records` made sure it fits a page."""
     mode, width, height, payload = record
     destination["mode"], destination["width"], destination["height"] = mode, width, height
     destination["data_ptr"], storage = malloc(payload.nbytes)
@@ -648,13 +677,18 @@ def _record(path: str, width: int, height: int, quality: int, max_side: Optional
 
 
 class _Records:
-    """The source as FFCV's writer reads it (in its worker processes):
-    ((mode, width, height, bytes), source position). A file that fails
-    becomes a 1-pixel placeholder at position -1 (FFCV's writer waits
-    forever for a record whose worker raised), which the loader leaves out."""
+    """The source as the writer's workers read it: ((mode, width, height,
+    bytes), source position). A file that fails to decode becomes a 1-pixel
+    placeholder at position -1, which the loader leaves out. So does a
+    record larger than `page_size` (only a re-encoded image can be: the page
+    holds the largest file), and `oversized` keeps the largest such size and
+    its position (shared by the workers), for the write to be done again
+    with a page that holds it: FFCV's encode never gets a record it refuses."""
 
-    def __init__(self, source: Source, quality: int, max_side: Optional[int], raw_max_pixels: int):
+    def __init__(self, source: Source, quality: int, max_side: Optional[int], raw_max_pixels: int, page_size: int):
         self.source, self.quality, self.max_side, self.raw_max_pixels = source, quality, max_side, raw_max_pixels
+        self.page_size = page_size
+        self.oversized = multiprocessing.Array(ctypes.c_int64, [0, -1])  # bytes, position
 
     def __len__(self):
         return len(self.source)
@@ -662,10 +696,162 @@ class _Records:
     def __getitem__(self, i):
         s = self.source
         try:
-            return _record(s.paths[i], int(s.widths[i]), int(s.heights[i]), self.quality, self.max_side,
-                           self.raw_max_pixels), i
+            record = _record(s.paths[i], int(s.widths[i]), int(s.heights[i]), self.quality, self.max_side,
+                             self.raw_max_pixels)
         except Exception:  # PIL raises many kinds
-            return (_RAW, 1, 1, np.zeros(3, np.uint8)), -1
+            return _PLACEHOLDER, -1
+        size = record[3].nbytes
+        if size > self.page_size:
+            with self.oversized.get_lock():
+                if size > self.oversized[0]:
+                    self.oversized[0], self.oversized[1] = size, i
+            return _PLACEHOLDER, -1
+        return record, i
+
+
+class _WorkerFailed(Exception):
+    """A writer worker failed: (source position it was writing or -1, why)."""
+
+
+def _end_with_parent(parent: int) -> None:
+    """In a writer worker: SIGTERM ends it, Ctrl-C is its parent's to handle,
+    and (Linux) it is killed when its parent dies (SIGKILL, the OOM killer),
+    rather than writing the rest of the source into a file no one keeps."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if os.getppid() != parent:  # it died before prctl
+        os._exit(1)
+
+
+def _fail(report, slot: int, position: int, error: BaseException) -> None:
+    """Send why this writer worker fails, then end its process at once."""
+    try:
+        report.send(("failed", slot, position, f"{type(error).__name__}: {error}".replace("\n", " ")[:500]))
+    finally:
+        os._exit(1)
+
+
+def _write_worker(slot, parent, records, fields, metadata_sm, metadata_type, allocator, ticket, done, current,
+                  table, report):
+    """One writer process: takes chunks of records by ticket until none is
+    left and writes each with FFCV's `handle_sample` (the fields' encode into
+    pages booked from the shared allocator); then puts its allocations into
+    the shared table (one per record: the image's bytes) and says "done".
+    An exception is sent with the position being written before the
+    allocator's exit, which would wait for the other workers' pages."""
+    _end_with_parent(parent)
+    metadata = np.frombuffer(metadata_sm.buf, dtype=metadata_type)
+    try:
+        with allocator:  # its exit writes this worker's last page
+            try:
+                written = 0
+                while True:
+                    with ticket.get_lock():  # one lock for both: the parent reads `done` without one
+                        done.value += written
+                        start = ticket.value
+                        ticket.value = start + _CHUNK
+                    stop = min(start + _CHUNK, len(records))
+                    if start >= stop:
+                        break
+                    for i in range(start, stop):
+                        current[slot] = i
+                        handle_sample(records[i], i, metadata_type.names, metadata, allocator, fields)
+                    current[slot], written = -1, stop - start
+            except BaseException as e:
+                _fail(report, slot, int(current[slot]), e)
+        rows = np.frombuffer(table, ALLOC_TABLE_TYPE)
+        for allocation in allocator.allocations:
+            if rows[allocation[0]]["size"]:
+                raise RuntimeError(f"record {allocation[0]} holds more than one allocation")
+            rows[allocation[0]] = allocation
+        report.send(("done", slot))
+    except BaseException as e:  # writing the last page (a full disk)
+        _fail(report, slot, -1, e)
+
+
+def _how_it_ended(exitcode: int) -> str:
+    if exitcode < 0:
+        return f"its writer process was killed by {signal.Signals(-exitcode).name}"
+    return f"its writer process ended with exit code {exitcode} and no word"
+
+
+def _stop(workers: list, running) -> None:
+    """Every started worker ended and joined: those in `running` get SIGTERM
+    at once; any still alive after _STOP_S gets SIGKILL."""
+    started = [w for w in workers if w.pid is not None]
+    for k in running:
+        if workers[k].pid is not None and workers[k].exitcode is None:
+            workers[k].terminate()
+    deadline = time.monotonic() + _STOP_S
+    for w in started:
+        w.join(max(0.0, deadline - time.monotonic()))
+        if w.exitcode is None:
+            w.kill()
+            w.join()
+        w.close()
+
+
+class _Writer(DatasetWriter):
+    """FFCV's DatasetWriter (file layout, pages, allocator, per-record
+    encode) with its workers watched. FFCV's own parent polls a count of
+    records written until it reaches the total, then waits on a queue for
+    each worker's allocations; a worker that raised or was killed does
+    neither, so the parent waited for ever. Here a worker that reports a
+    failure, or ends without saying "done", ends the write at once
+    (`_WorkerFailed` with the position it was writing), and every worker has
+    ended, been stopped or killed when `write` returns. Nothing the parent
+    waits on can be held by a dead worker: it reads the shared counters
+    without their locks, and the workers' messages are each one pipe write
+    shorter than PIPE_BUF, so one arrives whole or not at all."""
+
+    def write(self, records: _Records) -> None:
+        n = self.num_samples = len(records)
+        ticket, done = multiprocessing.Value(ctypes.c_int64, 0), multiprocessing.RawValue(ctypes.c_int64, 0)
+        current = multiprocessing.RawArray(ctypes.c_int64, [-1] * self.num_workers)
+        table = multiprocessing.RawArray(ctypes.c_uint8, n * ALLOC_TABLE_TYPE.itemsize)
+        messages, report = multiprocessing.Pipe(duplex=False)
+        self.prepare()  # the header, the field descriptors, the metadata in shared memory
+        allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
+        workers = [multiprocessing.Process(target=_write_worker, args=(
+            k, os.getpid(), records, self.fields, self.metadata_sm, self.metadata_type, allocator, ticket, done,
+            current, table, report)) for k in range(self.num_workers)]
+        running, finished = set(range(len(workers))), False
+        progress = tqdm(total=n, file=sys.stderr)
+        try:
+            for w in workers:
+                w.start()
+            while running:
+                if messages.poll(0.1):
+                    kind, slot, *rest = messages.recv()
+                    if kind == "failed":
+                        raise _WorkerFailed(*rest)
+                    running.discard(slot)
+                    continue
+                if done.value > progress.n:
+                    progress.update(done.value - progress.n)
+                for k in running:  # sent before it ended, a message is in the pipe by now
+                    if workers[k].exitcode is not None and not messages.poll(0):
+                        raise _WorkerFailed(int(current[k]), _how_it_ended(workers[k].exitcode))
+            progress.update(n - progress.n)
+            self.finalize(np.frombuffer(table, ALLOC_TABLE_TYPE).tolist())
+            finished = True
+        finally:
+            progress.leave = finished  # a failed write shows its one error line, not a stopped bar
+            progress.close()
+            _stop(workers, running)
+            messages.close()
+            report.close()
+            self.metadata_sm.close()
+            self.metadata_sm.unlink()
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:  # gone since indexing: the worker finds it and skips it
+        return 0
 
 
 def write_beton(source: Source, out, *, jpeg_quality: int = DEFAULT_QUALITY, max_side: Optional[int] = None,
@@ -673,12 +859,29 @@ def write_beton(source: Source, out, *, jpeg_quality: int = DEFAULT_QUALITY, max
     """Write `source` as a .beton at `out` atomically (a temporary file in the
     same folder, then a rename), with FFCV's progress bar. Returns
     {'written', 'skipped_index', 'skipped_write'}: images stored, files the
-    index had left out, files that failed to decode here."""
+    index had left out, files that failed to decode here.
+
+    Page size: FFCV stores each record inside one page. The page is the
+    smallest power of two that holds the largest file (one stat per file; a
+    kept JPEG is stored as its file), 8 MiB (FFCV's default) at least, under
+    4 GiB. A re-encoded image larger than that page (rare: a converted or
+    non-JPEG image that compresses worse than the largest file) is found
+    while writing, and the write is done once more with a page that holds it.
+    A larger page costs file size: each page is written whole, so the
+    padding before the first page, each worker's last page and the unused
+    tails of pages grow with it. Reading maps the file (FFCV's os_cache, the
+    loader's default), where the page size does not enter.
+
+    A writer worker that fails for any reason (an exception, a signal, the
+    OOM killer) ends the write within seconds with a DataError naming the
+    file it was writing; no worker outlives the call."""
     out = pathlib.Path(out).expanduser()
     if not 1 <= int(jpeg_quality) <= 100:
         raise DataError(f"--jpeg-quality must lie in 1..100, not {jpeg_quality}")
     if max_side is not None and max_side < 1:
         raise DataError(f"--max-side must be positive, not {max_side}")
+    if not len(source):
+        raise DataError(f"{source.name}: no images to write")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -686,13 +889,31 @@ def write_beton(source: Source, out, *, jpeg_quality: int = DEFAULT_QUALITY, max
     except OSError as e:
         raise DataError(f"cannot write {out}: {e.strerror or e}") from None
     try:
-        workers = workers or max(1, min(8, os.cpu_count() or 1))
-        writer = DatasetWriter(tmp, {"image": _stored_image_field(), "source_index": IntField()}, num_workers=workers)
-        writer.from_indexed_dataset(_Records(source, int(jpeg_quality), max_side, raw_max_pixels), chunksize=64)
+        workers = min(workers or max(1, min(8, os.cpu_count() or 1)), -(-len(source) // _CHUNK))
+        fields = {"image": _stored_image_field(), "source_index": IntField()}
+        sizes = [_file_size(p) for p in source.paths]
+        largest = int(np.argmax(sizes))
+        page = _page_size(sizes[largest], source.paths[largest])
+        for attempt in range(2):
+            records = _Records(source, int(jpeg_quality), max_side, raw_max_pixels, page)
+            _Writer(tmp, fields, page_size=page, num_workers=workers).write(records)
+            need, at = records.oversized
+            if not need:
+                break
+            if attempt:
+                raise DataError(f"{source.paths[at]}: its record grew to {need:,} bytes while {out} was written; "
+                                "write it again")
+            page, was = _page_size(need, source.paths[at]), page
+            print(f"note: {source.paths[at]} takes {need:,} bytes once re-encoded, more than the {was:,}-byte "
+                  f"page the largest file asked for; writing {out} again with {page:,}-byte pages", file=sys.stderr)
         failed = int((Reader(tmp).metadata["f1"] < 0).sum())
         if failed == len(source):
             raise DataError(f"{source.name}: none of its {len(source)} images could be decoded")
         os.replace(tmp, out)
+    except _WorkerFailed as e:
+        position, reason = e.args
+        where = f" on {source.paths[position]}" if position >= 0 else ""
+        raise DataError(f"writing {out} failed{where}: {reason}") from None
     except OSError as e:
         raise DataError(f"cannot write {out}: {e.strerror or e}") from None
     finally:

@@ -1,6 +1,7 @@
 """The FFCV pipeline's own parts: Pillow's resize re-implemented, the .beton
 writer (command line, sizes, awkward files, atomic write, cache). The
 contract and pixel tests run for FFCV in test_contract.py and test_render.py."""
+import io
 import os
 import subprocess
 import sys
@@ -16,7 +17,9 @@ from ffcv.reader import Reader  # noqa: E402
 from pipelines import build  # noqa: E402
 from pipelines.data import open_source  # noqa: E402
 from pipelines.ffcv import ensure_beton, resized_crop, write_beton  # noqa: E402
+from pipelines.torchvision import decode  # noqa: E402
 from pipelines.views import NO_AUG, OriginalSpec, ViewSpec  # noqa: E402
+from tests.conftest import make_image_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,9 +70,9 @@ def mixed(tmp_path_factory):
     return root
 
 
-def run_cli(*args, cache):
+def run_cli(*args, cache, timeout=600):
     return subprocess.run([sys.executable, "-m", "pipelines.ffcv", "write", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "VIEWFORGE_CACHE": str(cache)})
+                          text=True, timeout=timeout, env={**os.environ, "VIEWFORGE_CACHE": str(cache)})
 
 
 def test_write_command_stores_every_readable_file_at_its_index_size(mixed, tmp_path):
@@ -140,6 +143,151 @@ def test_cached_beton_is_reused_until_a_file_changes(mixed, tmp_path):
     os.utime(source.paths[0], ns=(1, 1))
     again = ensure_beton(source, cache_dir=str(tmp_path))
     assert again == first and again.stat().st_mtime_ns != stamp
+
+
+FFCV_PAGE = 1 << 23  # DatasetWriter's default page_size: FFCV refuses a record larger than a page
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory):
+    """An ImageFolder of two classes of small JPEGs and one plain RGB JPEG
+    larger than FFCV's default page: noise at quality 100, 2200 x 2200 px
+    (about 9.6 MB), kept byte for byte by the writer."""
+    root = make_image_folder(tmp_path_factory.mktemp("large"), classes=2, per_class=3, size=(40, 30))
+    noise = np.random.default_rng(0).integers(0, 256, (2200, 2200, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "class0" / "large.jpg", quality=100)
+    assert (root / "class0" / "large.jpg").stat().st_size > FFCV_PAGE
+    return root
+
+
+def stored_bytes(beton, record: int) -> np.ndarray:
+    """The bytes FFCV stored for `record` (its allocation in the file)."""
+    table = Reader(str(beton)).alloc_table
+    row = table[table["sample_id"] == record]
+    assert len(row) == 1
+    return np.fromfile(beton, np.uint8, count=int(row[0]["size"]), offset=int(row[0]["ptr"]))
+
+
+def test_a_file_larger_than_ffcvs_page_is_written_and_read_back_exactly(large, tmp_path):
+    """The page is the smallest power of two that holds the largest record
+    (16 MiB for 9.6 MB); FFCV's default 8 MiB page made a worker raise and
+    the write wait for ever (the command line runs with a timeout)."""
+    cache = tmp_path / "cache"
+    big = large / "class0" / "large.jpg"
+    cli = tmp_path / "cli.beton"
+    proc = run_cli("--data", str(large), "--out", str(cli), cache=cache, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "7 images; skipped 0 unreadable (index) and 0 that failed to decode" in proc.stdout
+    source = open_source(str(large), cache_dir=str(cache), progress=False)
+    api = tmp_path / "api.beton"
+    assert write_beton(source, api, workers=2) == {"written": 7, "skipped_index": 0, "skipped_write": 0}
+    k = source.paths.index(str(big))
+    for beton in (cli, api):
+        reader = Reader(str(beton))
+        assert reader.page_size == 1 << 24
+        np.testing.assert_array_equal(reader.metadata["f1"], np.arange(7))
+        assert reader.metadata["f0"]["mode"][k] == 0  # a JPEG: its own bytes
+        np.testing.assert_array_equal(stored_bytes(beton, k), np.fromfile(big, np.uint8))
+    # through the loader (its own cached .beton): every image as the reference decodes it
+    spec = ViewSpec(original=OriginalSpec(64, aug=NO_AUG))
+    ffcv = build("ffcv", spec, source, batch_size=7, workers=2, cache_dir=str(cache))
+    tv = build("torchvision", spec, source, batch_size=7, workers=0)
+    (a,), (b,) = list(ffcv), list(tv)
+    assert a.index.tolist() == b.index.tolist() and k in a.index.tolist()
+    assert (a.original - b.original).abs().max().item() * 0.229 * 255 <= 0.01
+    ffcv.close()
+
+
+def test_a_re_encoded_image_larger_than_the_page_is_written_again_with_a_larger_page(tmp_path, capsys):
+    """A turned JPEG (EXIF orientation) is re-encoded; at quality 100 its
+    record is larger than its own file and than FFCV's default page, which
+    the largest file chose: found while writing, written again with 16 MiB."""
+    folder = tmp_path / "turned"
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    noise = np.random.default_rng(1).integers(0, 256, (2400, 2600, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "turned.jpg", quality=50, exif=exif.tobytes())
+    Image.fromarray(noise[:30, :40]).save(folder / "small.jpg", quality=90)
+    source = open_source(str(folder), cache_dir=str(tmp_path), progress=False)
+    out = tmp_path / "turned.beton"
+    assert write_beton(source, out, jpeg_quality=100, workers=2) == {"written": 2, "skipped_index": 0,
+                                                                     "skipped_write": 0}
+    k = source.paths.index(str(folder / "turned.jpg"))
+    buf = io.BytesIO()
+    decode(np.fromfile(folder / "turned.jpg", np.uint8)).save(buf, format="JPEG", quality=100)
+    assert (folder / "turned.jpg").stat().st_size < FFCV_PAGE < len(buf.getvalue())
+    reader = Reader(str(out))
+    assert reader.page_size == 1 << 24 and reader.metadata["f1"].tolist() == [0, 1]
+    np.testing.assert_array_equal(stored_bytes(out, k), np.frombuffer(buf.getvalue(), np.uint8))
+    assert "writing " + str(out) + " again with 16,777,216-byte pages" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def victim(tmp_path_factory):
+    """Small JPEGs in two classes and one, `victim.jpg`, 37 px wide (the only
+    width of 37) for a writer worker to fail on."""
+    root = make_image_folder(tmp_path_factory.mktemp("victim"), classes=2, per_class=3, size=(24, 24))
+    Image.fromarray(np.full((23, 37, 3), 90, np.uint8)).save(root / "class1" / "victim.jpg", quality=90)
+    return root
+
+
+INJECTED = """
+import os, signal, sys, time
+from pathlib import Path
+import pipelines.ffcv as ffcv
+from pipelines.base import PipelineError
+from pipelines.data import open_source
+
+encode = ffcv._encode_record
+def failing(destination, record, malloc):  # runs in the writer's worker processes (forked)
+    if record[1] == 37:
+        {action}
+    encode(destination, record, malloc)
+ffcv._encode_record = failing
+
+def children():  # this process's children, but multiprocessing's resource tracker (it ends with us)
+    kids = Path(f"/proc/self/task/{{os.getpid()}}/children").read_text().split()
+    return [k for k in kids if b"resource_tracker" not in Path(f"/proc/{{k}}/cmdline").read_bytes()]
+
+start = time.monotonic()
+if {entry!r} == "command":
+    code = ffcv.main(["write", "--data", {data!r}, "--out", {out!r}])
+else:
+    try:
+        ffcv.ensure_beton(open_source({data!r}, progress=False))
+        code = 0
+    except PipelineError as e:  # train.py prints it as one line, exit 2
+        print(f"error: {{e}}", file=sys.stderr)
+        code = 2
+print("seconds", round(time.monotonic() - start, 1), "children", children())
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("entry", ["command", "ensure_beton"])
+@pytest.mark.parametrize("failure, reason", [("raise RuntimeError('injected')", "RuntimeError: injected"),
+                                             ("os.kill(os.getpid(), signal.SIGKILL)", "SIGKILL")])
+def test_a_writer_worker_that_fails_ends_the_write_with_one_line_naming_the_file(victim, tmp_path, entry, failure,
+                                                                                reason):
+    """An exception in a worker, or its death without a word (the OOM
+    killer): FFCV's writer waited for ever for the worker's records. Now the
+    write ends at once with one line naming the file, exit 2, and no worker
+    process is left."""
+    out = tmp_path / "out" / "victim.beton"
+    code = INJECTED.format(action=failure, entry=entry, data=str(victim), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "VIEWFORGE_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]  # (FFCV's progress bar writes \r)
+    assert lines[-1].startswith("error: ") and sum(line.startswith("error") for line in lines) == 1, proc.stderr
+    assert str(victim / "class1" / "victim.jpg") in lines[-1] and reason in lines[-1], lines[-1]
+    assert "Traceback" not in proc.stderr
+    seconds, children = proc.stdout.split()[1], proc.stdout.split("children", 1)[1].strip()
+    assert children == "[]", proc.stdout
+    assert float(seconds) < 60, proc.stdout
+    if entry == "command":
+        assert not out.parent.exists() or os.listdir(out.parent) == []  # no .beton, no temporary file
 
 
 def test_torch_keeps_its_thread_count(tmp_path):
