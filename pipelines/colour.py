@@ -469,7 +469,8 @@ def _cuda_kernels() -> dict:
                            np.int64(blend(np.int64(0), b, alpha)))
             elif op == 1:
                 alpha = p[P_C]
-                r, g, b = np.int64(blend(mean, r, alpha)), np.int64(blend(mean, g, alpha)), np.int64(blend(mean, b, alpha))
+                r, g, b = (np.int64(blend(mean, r, alpha)), np.int64(blend(mean, g, alpha)),
+                           np.int64(blend(mean, b, alpha)))
             elif op == 2:
                 alpha, lum = p[P_S], luma(r, g, b)
                 r, g, b = np.int64(blend(lum, r, alpha)), np.int64(blend(lum, g, alpha)), np.int64(blend(lum, b, alpha))

@@ -158,11 +158,27 @@ def test_a_full_disk_leaves_the_previous_checkpoints_readable(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_only_sets_a_flag_and_a_second_one_stops(signum):
+def test_in_training_a_signal_sets_a_flag_and_a_second_one_stops(signum):
+    """Inside deferred() (the training loop) the first signal only sets
+    `received`; a second one, or a signal inside abandon() (the kNN
+    evaluation), or any signal outside (the index, an export) raises Stopped."""
     before = signal.getsignal(signum)
+    name = signal.Signals(signum).name
     with checkpoints.StopSignals() as stop:
-        os.kill(os.getpid(), signum)
-        assert stop.received == signal.Signals(signum).name
-        with pytest.raises(KeyboardInterrupt):
+        with stop.deferred():
             os.kill(os.getpid(), signum)
+            assert stop.received == name
+            with pytest.raises(checkpoints.Stopped, match=name):
+                with stop.abandon():  # a signal already received: the evaluation does not start
+                    pass
+            with pytest.raises(checkpoints.Stopped, match=name):
+                os.kill(os.getpid(), signum)
     assert signal.getsignal(signum) is before and not checkpoints.StopSignals.active
+    with checkpoints.StopSignals() as stop:
+        with pytest.raises(checkpoints.Stopped, match=name):
+            os.kill(os.getpid(), signum)  # no step to finish
+        stop.received = None
+        with stop.deferred(), stop.abandon():
+            with pytest.raises(checkpoints.Stopped, match=name):
+                os.kill(os.getpid(), signum)
+    assert signal.getsignal(signum) is before

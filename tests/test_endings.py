@@ -11,6 +11,7 @@ the run and its workers and nothing of pytest's.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -56,11 +57,11 @@ def group_members(pgid: int) -> list:
     return found
 
 
-def run(argv: list, fault: str = "", timeout: float = 600) -> dict:
+def run(argv: list, fault: str = "", timeout: float = 600, env: dict | None = None) -> dict:
     """Run a command in a session of its own; its exit code, output, the
     seconds from its last output line to its exit, and what of its group
     is still alive afterwards (killed then, so nothing leaks into the suite)."""
-    env = {**os.environ, "VIEWFORGE_FAULT": fault, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "VIEWFORGE_FAULT": fault, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     lines, last = {"out": [], "err": []}, [time.monotonic()]
@@ -93,11 +94,6 @@ def run(argv: list, fault: str = "", timeout: float = 600) -> dict:
             "left": left}
 
 
-def train(data: Path, run_dir: Path, pipeline: str, *extra, fault: str = "") -> dict:
-    return run([sys.executable, str(ROOT / "train.py"), *TINY, "--pipeline", pipeline, "--data", str(data),
-                "--run-dir", str(run_dir), *extra], fault)
-
-
 def assert_ended(result: dict, rc: int, *, traceback: bool = False):
     detail = result["out"][-3000:] + result["err"][-3000:]
     assert result["rc"] == rc, f"exit {result['rc']} (None: still running), expected {rc}:\n{detail}"
@@ -108,54 +104,15 @@ def assert_ended(result: dict, rc: int, *, traceback: bool = False):
 
 # What each ending must print (README, "What happens when things go wrong").
 STOPPED_FRESH = "no training step to keep; run the same command to start again"
-
-
-@pytest.mark.parametrize("pipeline", PIPES)
-def test_normal_end_budget_and_stop_after(data, tmp_path, pipeline):
-    whole = train(data, tmp_path / "whole", pipeline, "--epochs", "1")
-    assert_ended(whole, 0)
-    assert "epoch 0: kNN top-1" in whole["out"] and f"done: {tmp_path / 'whole'}" in whole["out"]
-    budget = train(data, tmp_path / "budget", pipeline, "--epochs", "3", "--max-steps", "4", "--knn-every", "0")
-    assert_ended(budget, 0)
-    assert "epoch 1 stopped at the step budget" in budget["out"]
-    cut = train(data, tmp_path / "cut", pipeline, "--epochs", "3", "--stop-after", "2", "--knn-every", "0")
-    assert_ended(cut, 0)
-    assert "stopped after 2 steps (--stop-after)" in cut["out"]
-
-
-@pytest.mark.parametrize("pipeline", PIPES)
-def test_nan_loss_and_a_bug_in_a_step(data, tmp_path, pipeline):
-    nan = train(data, tmp_path / "nan", pipeline, "--epochs", "3", "--ckpt-every", "1", "--lr", "1e30",
-                "--knn-every", "0")
-    assert_ended(nan, 3)
-    errors = [line for line in nan["err"].splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "loss is not finite" in errors[0]
-    bug = train(data, tmp_path / "bug", pipeline, "--epochs", "1", "--knn-every", "0", fault="raise@step#2")
-    assert_ended(bug, 1, traceback=True)  # a bug keeps its traceback, and still leaves nothing behind
-    assert "RuntimeError: fault injected in step #2" in bug["err"]
-
-
-@pytest.mark.parametrize("pipeline", PIPES)
-@pytest.mark.parametrize("phase, line", [
-    ("index", f"stopped by SIGTERM while building the index; {STOPPED_FRESH}"),
-    ("anchor", f"stopped by SIGTERM while measuring the random-init anchor; {STOPPED_FRESH}"),
-    ("step#2", "stopped by SIGTERM after step 2; checkpoint written to {run}; run the same command to resume"),
-    ("checkpoint", "stopped by SIGTERM after step 3; checkpoint written to {run}; run the same command to resume"),
-    ("knn", "stopped by SIGTERM while evaluating kNN; the checkpoint of step 3 is in {run}; "
-            "run the same command to resume"),
-], ids=["index", "anchor", "step", "checkpoint", "knn"])
-def test_sigterm_to_the_process_group(data, tmp_path, pipeline, phase, line):
-    run_dir = tmp_path / "run"
-    result = train(data, run_dir, pipeline, "--epochs", "2", fault=f"sigterm@{phase}")
-    assert_ended(result, 75)
-    said = [text for text in result["out"].splitlines() if text.startswith("stopped by")]
-    assert said == [line.format(run=run_dir)], result["out"][-2000:]
-    if phase not in ("index", "anchor"):  # a checkpoint of the steps that ran, and the same command resumes
-        again = train(data, run_dir, pipeline, "--epochs", "2", "--knn-every", "0")
-        assert_ended(again, 0)
-        assert "resumed from" in again["out"]
-
-
+STOPPED_KEPT = "checkpoint written to {run}; run the same command to resume"
+SIGTERM_LINES = {
+    "index": f"stopped by SIGTERM while building the index; {STOPPED_FRESH}",
+    "anchor": f"stopped by SIGTERM while measuring the random-init anchor; {STOPPED_FRESH}",
+    "step#2": f"stopped by SIGTERM after step 2; {STOPPED_KEPT}",
+    "checkpoint": f"stopped by SIGTERM after step 3; {STOPPED_KEPT}",
+    "knn": "stopped by SIGTERM while evaluating kNN; the checkpoint of step 3 is in {run}; "
+           "run the same command to resume",
+}
 LIBRARY_LOOP = """
 import sys
 import pipelines, train
@@ -171,11 +128,104 @@ for views in loader:
 """
 
 
+def cells(data: Path, runs: Path) -> dict:
+    """(pipeline, ending) -> the commands of one cell, run in order: (argv, fault)."""
+    def train(name, pipeline, *extra):
+        return [sys.executable, str(ROOT / "train.py"), *TINY, "--pipeline", pipeline, "--data", str(data),
+                "--run-dir", str(runs / name), *extra]
+    out = {}
+    for pipe in PIPES:
+        def cell(name, *extra):
+            return train(f"{pipe}-{name}", pipe, *extra)
+        out[pipe, "end"] = [(cell("end", "--epochs", "1"), "")]
+        out[pipe, "budget"] = [(cell("budget", "--epochs", "3", "--max-steps", "4", "--knn-every", "0"), "")]
+        out[pipe, "stop-after"] = [(cell("cut", "--epochs", "3", "--stop-after", "2", "--knn-every", "0"), "")]
+        out[pipe, "nan"] = [(cell("nan", "--epochs", "3", "--ckpt-every", "1", "--lr", "1e30", "--knn-every", "0"),
+                             "")]
+        out[pipe, "bug"] = [(cell("bug", "--epochs", "1", "--knn-every", "0"), "raise@step#2")]
+        for phase in SIGTERM_LINES:
+            steps = [(cell(phase, "--epochs", "2"), f"sigterm@{phase}")]
+            if phase not in ("index", "anchor"):  # the checkpoint of the steps that ran: the same command resumes
+                steps.append((cell(phase, "--epochs", "2", "--knn-every", "0"), ""))
+            out[pipe, f"sigterm@{phase}"] = steps
+        out[pipe, "library-break"] = [([sys.executable, "-c", LIBRARY_LOOP, pipe, str(data)], "")]
+    trained = train("commands", "torchvision", "--epochs", "1", "--knn-every", "0")
+    out["torchvision", "commands"] = [
+        (trained, ""),
+        (trained + ["--eval", "linear", "--linear-epochs", "5"], "sigterm@linear"),
+        (trained + ["--export", str(runs / "backbone.pth")], "sigterm@export")]
+    return out
+
+
+@pytest.fixture(scope="module")
+def endings(data, tmp_path_factory) -> dict:
+    """Every cell's results, two cells at a time (each run is mostly one
+    thread: OMP_NUM_THREADS=1)."""
+    runs = tmp_path_factory.mktemp("runs")
+    cache = str(tmp_path_factory.getbasetemp() / "cache")  # conftest's private cache, set before its fixture runs
+    todo = cells(data, runs)
+
+    def run_cell(steps):
+        return [run(argv, fault, env={"VIEWFORGE_CACHE": cache}) for argv, fault in steps]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = {key: pool.submit(run_cell, steps) for key, steps in todo.items()}
+        results = {key: future.result() for key, future in futures.items()}
+    results["runs"] = runs
+    return results
+
+
+def stopped_lines(result: dict) -> list:
+    return [text for text in result["out"].splitlines() if text.startswith("stopped by")]
+
+
 @pytest.mark.parametrize("pipeline", PIPES)
-def test_a_library_loop_that_breaks_after_one_batch_exits(data, pipeline):
-    result = run([sys.executable, "-c", LIBRARY_LOOP, pipeline, str(data)])
+def test_normal_end_budget_and_stop_after(endings, pipeline):
+    (whole,), (budget,), (cut,) = (endings[pipeline, k] for k in ("end", "budget", "stop-after"))
+    for result in (whole, budget, cut):
+        assert_ended(result, 0)
+    assert "epoch 0: kNN top-1" in whole["out"] and f"done: {endings['runs'] / (pipeline + '-end')}" in whole["out"]
+    assert "epoch 1 stopped at the step budget" in budget["out"]
+    assert "stopped after 2 steps (--stop-after)" in cut["out"]
+
+
+@pytest.mark.parametrize("pipeline", PIPES)
+def test_nan_loss_and_a_bug_in_a_step(endings, pipeline):
+    (nan,), (bug,) = endings[pipeline, "nan"], endings[pipeline, "bug"]
+    assert_ended(nan, 3)
+    errors = [line for line in nan["err"].splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "loss is not finite" in errors[0]
+    assert_ended(bug, 1, traceback=True)  # a bug keeps its traceback, and still leaves nothing behind
+    assert "RuntimeError: fault injected in step #2" in bug["err"]
+
+
+@pytest.mark.parametrize("pipeline", PIPES)
+@pytest.mark.parametrize("phase", list(SIGTERM_LINES), ids=[p.split("#")[0] for p in SIGTERM_LINES])
+def test_sigterm_to_the_process_group(endings, pipeline, phase):
+    stopped, *resumed = endings[pipeline, f"sigterm@{phase}"]
+    assert_ended(stopped, 75)
+    assert stopped_lines(stopped) == [SIGTERM_LINES[phase].format(run=endings["runs"] / f"{pipeline}-{phase}")]
+    for again in resumed:
+        assert_ended(again, 0)
+        assert "resumed from" in again["out"]
+
+
+@pytest.mark.parametrize("pipeline", PIPES)
+def test_a_library_loop_that_breaks_after_one_batch_exits(endings, pipeline):
+    (result,) = endings[pipeline, "library-break"]
     assert_ended(result, 0)
     assert "one batch of 8" in result["out"]
+
+
+def test_sigterm_during_the_linear_probe_and_the_export(endings):
+    """Commands on a trained run directory: nothing to keep, one line, and no
+    half-written export."""
+    trained, linear, export = endings["torchvision", "commands"]
+    assert_ended(trained, 0)
+    for result, doing in ((linear, "running the linear probe"), (export, "exporting the backbone")):
+        assert_ended(result, 75)
+        assert stopped_lines(result) == [f"stopped by SIGTERM while {doing}; {STOPPED_FRESH}"], result["out"]
+    runs = endings["runs"]
+    assert not (runs / "backbone.pth").exists() and not list(runs.glob(".backbone*"))
 
 
 def test_a_run_directory_has_one_writer(data, tmp_path):
@@ -183,15 +233,15 @@ def test_a_run_directory_has_one_writer(data, tmp_path):
     with one line naming the holder; a lock file left by a process that is
     gone does not block."""
     run_dir = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, "--pipeline", "torchvision", "--data",
-                              str(data), "--run-dir", str(run_dir), "--epochs", "50", "--knn-every", "0"],
-                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
+    command = [sys.executable, str(ROOT / "train.py"), *TINY, "--pipeline", "torchvision", "--data", str(data),
+               "--run-dir", str(run_dir), "--knn-every", "0"]
+    first = subprocess.Popen(command + ["--epochs", "50"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while not (run_dir / "log.jsonl").exists() and time.monotonic() < deadline and first.poll() is None:
             time.sleep(0.2)
-        second = train(data, run_dir, "torchvision", "--epochs", "50", "--knn-every", "0")
+        second = run(command + ["--epochs", "50"])
         assert_ended(second, 2)
         errors = [line for line in second["err"].splitlines() if line.strip()]
         assert errors == [f"error: {run_dir} is in use by pid {first.pid} on {os.uname().nodename}: one run "
@@ -201,19 +251,5 @@ def test_a_run_directory_has_one_writer(data, tmp_path):
         first.wait()
     # the holder was killed outright: its lock went with it, though the file stays
     assert (run_dir / ".lock").read_text().startswith(f"pid {first.pid}")
-    resumed = train(data, run_dir, "torchvision", "--epochs", "1", "--knn-every", "0")
+    resumed = run(command + ["--epochs", "1"])
     assert resumed["rc"] == 0, resumed["out"] + resumed["err"]
-
-
-def test_sigterm_during_the_linear_probe_and_the_export(data, tmp_path):
-    """Commands on a trained run directory: nothing to keep, one line, and no
-    half-written export."""
-    run_dir, export = tmp_path / "run", tmp_path / "backbone.pth"
-    assert_ended(train(data, run_dir, "torchvision", "--epochs", "1", "--knn-every", "0"), 0)
-    for args, phase, doing in ((["--eval", "linear", "--linear-epochs", "5"], "linear", "running the linear probe"),
-                               (["--export", str(export)], "export", "exporting the backbone")):
-        result = train(data, run_dir, "torchvision", "--epochs", "1", *args, fault=f"sigterm@{phase}")
-        assert_ended(result, 75)
-        said = [text for text in result["out"].splitlines() if text.startswith("stopped by")]
-        assert said == [f"stopped by SIGTERM while {doing}; {STOPPED_FRESH}"], result["out"]
-    assert not export.exists() and not list(tmp_path.glob(".backbone*"))
