@@ -8,7 +8,8 @@ computes natively.
   torch and oneDNN are allowed to use; else fp32. Without them bf16
   autocast is emulated: one forward and backward of the CPU profile's
   backbone (resnet18_quarter, batch 256, 32 px) took 18.5 s in bf16 and
-  2.5 s in fp32 on a 2-core AMD EPYC with AVX2 only.
+  2.5 s in fp32 on a 2-core AMD EPYC with AVX2 only (issue 22's
+  measurement, on a machine that has no bf16 instructions at all).
 - `ATEN_CPU_CAPABILITY=avx2` and `ONEDNN_MAX_CPU_ISA=AVX2` (either one)
   make a CPU with bf16 behave as one without it, and auto follows them.
 """
