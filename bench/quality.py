@@ -61,7 +61,8 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.throughput import cpu_count, environment, short_error, split  # noqa: E402
+from bench.machine import cpu_count, environment  # noqa: E402
+from bench.measure import comma_list, short_error  # noqa: E402
 from model import evaluation  # noqa: E402
 from model.precision import AMP_CHOICES, resolve_amp  # noqa: E402
 
@@ -328,7 +329,7 @@ def main(argv: list | None = None) -> int:
     except Exception as e:
         print(f"error: model.methods does not import ({short_error(e)})", file=sys.stderr)
         return 2
-    names = list(METHODS) if args.methods == "all" else split(args.methods)
+    names = list(METHODS) if args.methods == "all" else comma_list(args.methods)
     runs_root = Path(args.runs) if args.runs else Path(tempfile.mkdtemp(prefix="viewforge-quality-"))
     rows, anchors = [], {}
     pixel_cache = {}
