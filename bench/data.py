@@ -1,7 +1,7 @@
 """The images every timing reads: real photographs cut once into the
 viewforge cache (ImageNet's most common size, 500x375, JPEG quality 90),
 random-noise JPEGs (--synthetic-jpegs, warned: they decode slower), or the
-user's own folder (--data)."""
+user's own folder (--data); and fixed subsets of a source."""
 from __future__ import annotations
 
 import argparse
@@ -68,3 +68,9 @@ def subset(source, keep):
     return dataclasses.replace(source, paths=[source.paths[k] for k in keep], labels=source.labels[keep],
                                widths=source.widths[keep], heights=source.heights[keep])
 
+
+def random_subset(source, count: int, seed: int):
+    """A fixed random `count` of `source` (in dataset order); all of it when count is 0 or too large."""
+    if not count or count >= len(source):
+        return source
+    return subset(source, np.sort(np.random.default_rng(seed).choice(len(source), count, replace=False)))

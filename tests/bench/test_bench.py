@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from bench import machine, quality, specs, throughput
+from bench.data import random_subset
 from bench.recipes import RECIPES
 from pipelines.views import CropSpec, ViewSpec
 
@@ -141,9 +142,9 @@ def splits(labelled_folder):
 
 def test_subset_is_fixed_and_ordered(splits):
     train, _ = splits
-    a, b = quality.subset(train, 10), quality.subset(train, 10)
+    a, b = random_subset(train, 10, quality.SUBSET_SEED), random_subset(train, 10, quality.SUBSET_SEED)
     assert a.paths == b.paths and len(a) == 10 and a.paths == sorted(a.paths, key=train.paths.index)
-    assert quality.subset(train, 0) is train and quality.subset(train, 10 ** 6) is train
+    assert random_subset(train, 0, 0) is train and random_subset(train, 10 ** 6, 0) is train
     assert list(a.labels) == [train.labels[train.paths.index(p)] for p in a.paths]
 
 
