@@ -22,7 +22,7 @@ median over every timed step; a step's first call also restarts the graph):
 The load average is printed: on a machine others are using, every number
 here is a smoke number; compare two versions in alternating runs.
 
-The photos are cut once by bench/throughput.py's `prepare_data` from Debian's
+The photos are cut once by bench/data.py's `prepare_data` from Debian's
 wallpapers (mate-backgrounds) into the viewforge cache; they sit in the page
 cache after the untimed epoch.
 """
@@ -44,7 +44,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.throughput import data_arguments, environment, prepare_data  # noqa: E402
+from bench.data import data_arguments, prepare_data  # noqa: E402
+from bench.machine import environment  # noqa: E402
 from pipelines import dali  # noqa: E402
 from pipelines.views import MOCOV2_AUG, CropSpec, ViewSpec  # noqa: E402
 

@@ -61,8 +61,8 @@ fi
 if [ "$dry" = 1 ]; then
   device=dry-run-cpu
 else
-  # the results folder's name as bench/throughput.py gives it ('nvidia-h200')
-  device=$(python3 -c "import sys, torch; sys.path.insert(0, 'bench'); from throughput import device_slug
+  # the results folder's name as bench/machine.py gives it ('nvidia-h200')
+  device=$(python3 -c "import sys, torch; sys.path.insert(0, '.'); from bench.machine import device_slug
 print(device_slug(torch.device('cuda')) if torch.cuda.is_available() else '')" 2>/dev/null | tail -n 1)
   if [ -z "$device" ]; then
     echo "gpu_check: torch sees no GPU here; --dry-run checks the script on a CPU" >&2; exit 2

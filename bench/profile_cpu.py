@@ -4,7 +4,7 @@
     python bench/profile_cpu.py --recipes byol --batches 8
     python bench/profile_cpu.py --pipeline ffcv      # FFCV's stages instead
 
-For each recipe (bench/throughput.py's RECIPES), milliseconds of one core
+For each recipe (bench/recipes.py's RECIPES), milliseconds of one core
 per whole sample (all its views), each stage timed on its own:
 
   plan        the Numba planner (batch plan / B)
@@ -50,7 +50,9 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.throughput import RECIPES, data_arguments, describe, prepare_data  # noqa: E402
+from bench.data import data_arguments, prepare_data  # noqa: E402
+from bench.recipes import RECIPES  # noqa: E402
+from bench.specs import describe  # noqa: E402
 from pipelines import colour  # noqa: E402
 from pipelines.dali import DaliLoader, _type  # noqa: E402
 

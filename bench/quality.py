@@ -42,7 +42,6 @@ and the rest go on.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import pickle
@@ -61,7 +60,10 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.throughput import cpu_count, environment, short_error, split  # noqa: E402
+from bench.data import random_subset  # noqa: E402
+from bench.machine import cpu_count, environment  # noqa: E402
+from bench.measure import comma_list, short_error  # noqa: E402
+from configs import apply_small_profile, resolve_config  # noqa: E402
 from model import evaluation  # noqa: E402
 from model.precision import AMP_CHOICES, resolve_amp  # noqa: E402
 
@@ -103,24 +105,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ----------------------------------------------------------------------------- data and kNN
-def subset(source, count: int, seed: int = SUBSET_SEED):
-    """A fixed random `count` of `source` (in dataset order); all of it when count is 0 or too large."""
-    if not count or count >= len(source):
-        return source
-    keep = np.sort(np.random.default_rng(seed).choice(len(source), count, replace=False))
-    return dataclasses.replace(source, paths=[source.paths[k] for k in keep], labels=source.labels[keep],
-                               widths=source.widths[keep], heights=source.heights[keep])
-
-
 # ----------------------------------------------------------------------------- training runs
 def method_config(name: str, data: str):
     """train.py's resolved config of `name` on `data` (method yaml, small.yaml for small images)."""
-    import train
     from pipelines.data import open_source
-    cfg, explicit = train.resolve_config(["--method", name, "--data", data])
+    cfg, explicit = resolve_config(["--method", name, "--data", data])
     src = open_source(data, "train", progress=False)
-    train.apply_small_profile(cfg, explicit, float(np.median(np.minimum(src.widths, src.heights))))
+    apply_small_profile(cfg, explicit, float(np.median(np.minimum(src.widths, src.heights))))
     return cfg
 
 
@@ -298,7 +289,119 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- kNN
+class Scorer:
+    """kNN top-1 of a backbone's pooled features, queries against the bank, and
+    the two anchors scored the same way: the random-init backbone, once per
+    architecture and image size, and the raw pixels, once per image size."""
+
+    def __init__(self, bank, queries, device: torch.device, args):
+        self.bank, self.queries, self.device, self.args = bank, queries, device, args
+        self.anchors, self.pixels = {}, {}
+
+    def knn(self, net, size: int) -> float:
+        a = self.args
+        return evaluation.knn_top1(net.to(self.device, memory_format=torch.channels_last), self.bank, self.queries,
+                                   size, self.device, a.amp, a.workers, a.knn_k, a.knn_t)
+
+    def random_init(self, name: str, checkpoint: Path, arch: tuple, size: int) -> tuple:
+        """(kNN with BatchNorm statistics estimated on the bank, kNN with BN as initialised)
+        of the method's backbone freshly initialised (seed --seed)."""
+        key = (*arch, size) if arch[0] else (name, size)
+        if key not in self.anchors:
+            a = self.args
+            fresh, _, _ = load_backbone(checkpoint, fresh=True, seed=a.seed)
+            print(f"[{name}] random-init anchor ({arch[0]}{' small stem' if arch[1] else ''}, {size} px)", flush=True)
+            self.anchors[key] = (evaluation.random_init_anchor(fresh.to(self.device, memory_format=torch.channels_last),
+                                                               self.bank, self.queries, size, self.device, a.amp,
+                                                               a.workers, a.knn_k, a.knn_t),
+                                 self.knn(fresh, size))
+        return self.anchors[key]
+
+    def raw_pixels(self, size: int) -> float:
+        if size not in self.pixels:
+            a = self.args
+            self.pixels[size] = evaluation.knn_of_features(
+                lambda src: evaluation.pixel_features(src, size, self.device, a.workers),
+                self.bank, self.queries, a.knn_k, a.knn_t)
+        return self.pixels[size]
+
+
+# ----------------------------------------------------------------------------- one method
+def pretrain(name: str, args, budget: dict, run_dir: Path, row: dict) -> None:
+    """Runs train.py for `name`'s budget in a subprocess (its output in run_dir/train.out);
+    the command, wall time and log figures go into `row`. Raises when it fails."""
+    cfg = method_config(name, args.data)
+    cmd = train_command(name, args, run_dir, budget, cfg)
+    row["command"] = " ".join(shlex.quote(c) for c in cmd[1:]).replace(str(ROOT) + "/", "")
+    print(f"\n[{name}] python {row['command']}", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(run_dir / "train.out", "w") as out:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
+    row["train_seconds"] = time.perf_counter() - t0
+    row.update(read_log(run_dir))
+    if proc.returncode != 0 or not (run_dir / "checkpoint.pth").exists():
+        tail = (run_dir / "train.out").read_text(errors="replace").strip().splitlines()[-5:]
+        raise RuntimeError(f"train.py exited with {proc.returncode}: " + " | ".join(tail)[-600:])
+
+
+def evaluate(name: str, args, run_dir: Path, scorer: Scorer, row: dict) -> None:
+    """The kNN of the trained backbone (and of the curve's checkpoints) and both anchors, into `row`."""
+    t1 = time.perf_counter()
+    backbone, config, ckpt = load_backbone(run_dir / "checkpoint.pth")
+    size, arch = config["image_size"], (config.get("arch"), config.get("small_stem"))
+    row.update(max_steps=config.get("max_steps"), epochs=config.get("epochs"),
+               batch_size=config.get("batch_size"), arch=arch[0], small_stem=arch[1], image_size=size,
+               pipeline=config.get("pipeline"), trained_steps=ckpt["step"])
+    row["knn_top1"] = scorer.knn(backbone, size)
+    if args.curve_every:
+        row["curve"] = learning_curve(run_dir, ckpt["step"], row["knn_top1"], lambda net: scorer.knn(net, size))
+        print(f"[{name}] kNN along the way: {curve_text(row['curve'])}", flush=True)
+    row["eval_seconds"] = time.perf_counter() - t1
+    row["random_init_knn"], row["random_init_bn_as_initialised_knn"] = scorer.random_init(
+        name, run_dir / "checkpoint.pth", arch, size)
+    row["raw_pixel_knn"] = scorer.raw_pixels(size)
+
+
+def measure_method(name: str, methods, args, budget: dict, runs_root: Path, scorer: Scorer, device) -> dict:
+    """One method's row: skipped, an error with its reason, or trained and scored."""
+    row = {"method": name, "budget": args.budget, "device": str(device)}
+    if name not in methods:
+        row.update(status="skipped", reason=f"not in model.methods.METHODS (registered: {', '.join(sorted(methods))})")
+        print(f"skipped {name}: {row['reason']}")
+        return row
+    try:
+        run_dir = runs_root / f"{name}-{args.budget}"
+        pretrain(name, args, budget, run_dir, row)
+        evaluate(name, args, run_dir, scorer, row)
+        row["status"] = "ok"
+        print(f"[{name}] kNN top-1 {fmt_pct(row['knn_top1'])} (random init {fmt_pct(row['random_init_knn'])}, "
+              f"raw pixels {fmt_pct(row['raw_pixel_knn'])}); trained {fmt_time(row['train_seconds'])}, "
+              f"evaluated {fmt_time(row['eval_seconds'])}", flush=True)
+    except Exception as e:
+        row.update(status="error", error=short_error(e))
+        print(f"[{name}] FAILED {row['error']}", flush=True)
+    return row
+
+
 # ----------------------------------------------------------------------------- main
+def subset_text(part, whole, what: str, seed: int) -> str:
+    return (f"{len(part):,} of {len(whole):,} {what} images"
+            + (f" (fixed random subset, seed {seed})" if len(part) < len(whole) else ""))
+
+
+def settings(args, budget: dict, splits: tuple, image_size) -> dict:
+    train_src, test_src, bank_src, query_src = splits
+    return {"budget": args.budget, "budget_flags": budget["train"], "data": args.data, "knn_k": args.knn_k,
+            "knn_t": args.knn_t, "bank": len(bank_src), "queries": len(query_src),
+            "bank_text": subset_text(bank_src, train_src, "train", SUBSET_SEED),
+            "queries_text": subset_text(query_src, test_src, "test", SUBSET_SEED + 1),
+            "seed": args.seed, "workers": args.workers, "amp": args.amp, "image_size": image_size,
+            "curve_every": args.curve_every, "steps_override": args.steps, "epochs_override": args.epochs,
+            "train_args": args.train_args}
+
+
 def main(argv: list | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args_parser().parse_args(argv)
@@ -306,8 +409,6 @@ def main(argv: list | None = None) -> int:
     budget = BUDGETS[args.budget]
     args.device = args.device or budget.get("device")
     args.curve_every = budget["curve_every"] if args.curve_every is None else args.curve_every
-    bank_n = budget["bank"] if args.bank is None else args.bank
-    query_n = budget["queries"] if args.queries is None else args.queries
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.amp, amp_reason = resolve_amp(args.amp, device)  # train.py's runs get the resolved value too
     print(f"amp {args.amp} ({amp_reason})", flush=True)
@@ -321,98 +422,26 @@ def main(argv: list | None = None) -> int:
         print(f"error: {args.data} needs labels and a test split for kNN", file=sys.stderr)
         return 2
     args.train_size = len(train_src)
-    bank_src, query_src = subset(train_src, bank_n), subset(test_src, query_n, SUBSET_SEED + 1)
-
+    bank_src = random_subset(train_src, budget["bank"] if args.bank is None else args.bank, SUBSET_SEED)
+    query_src = random_subset(test_src, budget["queries"] if args.queries is None else args.queries, SUBSET_SEED + 1)
     try:
         from model.methods import METHODS
     except Exception as e:
         print(f"error: model.methods does not import ({short_error(e)})", file=sys.stderr)
         return 2
-    names = list(METHODS) if args.methods == "all" else split(args.methods)
+    names = list(METHODS) if args.methods == "all" else comma_list(args.methods)
     runs_root = Path(args.runs) if args.runs else Path(tempfile.mkdtemp(prefix="viewforge-quality-"))
-    rows, anchors = [], {}
-    pixel_cache = {}
+    scorer = Scorer(bank_src, query_src, device, args)
     try:
-        for name in names:
-            row = {"method": name, "budget": args.budget, "device": str(device)}
-            rows.append(row)
-            if name not in METHODS:
-                row.update(status="skipped", reason=f"not in model.methods.METHODS "
-                                                    f"(registered: {', '.join(sorted(METHODS))})")
-                print(f"skipped {name}: {row['reason']}")
-                continue
-            try:
-                cfg = method_config(name, args.data)
-                run_dir = runs_root / f"{name}-{args.budget}"
-                cmd = train_command(name, args, run_dir, budget, cfg)
-                row["command"] = " ".join(shlex.quote(c) for c in cmd[1:]).replace(str(ROOT) + "/", "")
-                print(f"\n[{name}] python {row['command']}", flush=True)
-                run_dir.mkdir(parents=True, exist_ok=True)
-                t0 = time.perf_counter()
-                with open(run_dir / "train.out", "w") as out:
-                    proc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
-                row["train_seconds"] = time.perf_counter() - t0
-                row.update(read_log(run_dir))
-                if proc.returncode != 0 or not (run_dir / "checkpoint.pth").exists():
-                    tail = (run_dir / "train.out").read_text(errors="replace").strip().splitlines()[-5:]
-                    raise RuntimeError(f"train.py exited with {proc.returncode}: " + " | ".join(tail)[-600:])
-                t1 = time.perf_counter()
-                backbone, config, ckpt = load_backbone(run_dir / "checkpoint.pth")
-                size, arch = config["image_size"], (config.get("arch"), config.get("small_stem"))
-                row.update(max_steps=config.get("max_steps"), epochs=config.get("epochs"),
-                           batch_size=config.get("batch_size"), arch=arch[0], small_stem=arch[1], image_size=size,
-                           pipeline=config.get("pipeline"), trained_steps=ckpt["step"])
-
-                def score(net):  # kNN top-1 of a backbone's features, queries against the bank
-                    return evaluation.knn_top1(net.to(device, memory_format=torch.channels_last), bank_src,
-                                               query_src, size, device, args.amp, args.workers, args.knn_k, args.knn_t)
-                row["knn_top1"] = score(backbone)
-                if args.curve_every:
-                    row["curve"] = learning_curve(run_dir, ckpt["step"], row["knn_top1"], score)
-                    print(f"[{name}] kNN along the way: {curve_text(row['curve'])}", flush=True)
-                row["eval_seconds"] = time.perf_counter() - t1
-                key = (*arch, size) if arch[0] else (name, size)
-                if key not in anchors:  # one random-init anchor per architecture and image size
-                    fresh, _, _ = load_backbone(run_dir / "checkpoint.pth", fresh=True, seed=args.seed)
-                    print(f"[{name}] random-init anchor ({arch[0]}{' small stem' if arch[1] else ''}, {size} px)",
-                          flush=True)
-                    anchors[key] = (evaluation.random_init_anchor(fresh.to(device, memory_format=torch.channels_last),
-                                                                  bank_src, query_src, size, device, args.amp,
-                                                                  args.workers, args.knn_k, args.knn_t),
-                                    score(fresh))
-                row["random_init_knn"], row["random_init_bn_as_initialised_knn"] = anchors[key]
-                if size not in pixel_cache:
-                    pixel_cache[size] = evaluation.knn_of_features(
-                        lambda src: evaluation.pixel_features(src, size, device, args.workers),
-                        bank_src, query_src, args.knn_k, args.knn_t)
-                row["raw_pixel_knn"] = pixel_cache[size]
-                row["status"] = "ok"
-                print(f"[{name}] kNN top-1 {fmt_pct(row['knn_top1'])} (random init {fmt_pct(row['random_init_knn'])}, "
-                      f"raw pixels {fmt_pct(row['raw_pixel_knn'])}); trained {fmt_time(row['train_seconds'])}, "
-                      f"evaluated {fmt_time(row['eval_seconds'])}", flush=True)
-            except Exception as e:
-                row.update(status="error", error=short_error(e))
-                print(f"[{name}] FAILED {row['error']}", flush=True)
+        rows = [measure_method(name, METHODS, args, budget, runs_root, scorer, device) for name in names]
     finally:
         if not args.runs:
             shutil.rmtree(runs_root, ignore_errors=True)
 
     image_size = next((r["image_size"] for r in rows if "image_size" in r), None)
-    result = {
-        "environment": env,
-        "settings": {"budget": args.budget, "budget_flags": budget["train"], "data": args.data, "knn_k": args.knn_k,
-                     "knn_t": args.knn_t, "bank": len(bank_src), "queries": len(query_src),
-                     "bank_text": f"{len(bank_src):,} of {len(train_src):,} train images"
-                                  + (f" (fixed random subset, seed {SUBSET_SEED})" if len(bank_src) < len(train_src) else ""),
-                     "queries_text": f"{len(query_src):,} of {len(test_src):,} test images"
-                                     + (f" (fixed random subset, seed {SUBSET_SEED + 1})"
-                                        if len(query_src) < len(test_src) else ""),
-                     "seed": args.seed, "workers": args.workers, "amp": args.amp, "image_size": image_size,
-                     "curve_every": args.curve_every, "steps_override": args.steps, "epochs_override": args.epochs,
-                     "train_args": args.train_args},
-        "rows": rows,
-        "total_seconds": time.perf_counter() - t_start,
-    }
+    result = {"environment": env, "settings": settings(args, budget, (train_src, test_src, bank_src, query_src),
+                                                       image_size),
+              "rows": rows, "total_seconds": time.perf_counter() - t_start}
     out_dir = Path(args.out) if args.out else ROOT / "bench" / "results" / env["slug"]
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"quality-{args.budget}"

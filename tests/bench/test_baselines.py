@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import baselines, throughput
+from bench import baselines, recipes, throughput
 from pipelines.data import open_source
 from pipelines.views import BYOL_AUG_2, CropSpec, MosaicSpec, ViewSpec
 from tests.conftest import make_image_folder
@@ -38,7 +38,7 @@ def test_recipe_rows_name_the_best_stock_pipeline(source, tmp_path):
     args = throughput.get_args_parser().parse_args(
         ["--pipelines", "torchvision", "--recipes", "byol", "--recipe-batch", "4", "--recipe-workers", "0",
          "--recipe-epochs", "2", "--view-scale", "0.1", "--baselines", "stock-torchvision"])
-    rows = throughput.run_recipes(source, args)
+    rows = recipes.run_recipes(source, args)
     assert [(r["pipeline"], r["status"]) for r in rows] == [("torchvision", "ok"), ("stock-torchvision", "ok")]
     epoch = len(source) // 4
     for r in rows:  # each window is one whole epoch
@@ -48,12 +48,12 @@ def test_recipe_rows_name_the_best_stock_pipeline(source, tmp_path):
     assert stock["baseline"] and stock["speedup_vs_best_baseline"] == pytest.approx(1.0)
     assert rows[0]["speedup_vs_best_baseline"] == pytest.approx(rows[0]["samples_per_s"] / stock["samples_per_s"])
     with pytest.raises(SystemExit):
-        throughput.resolve_baselines("stock-ffcv")
+        recipes.resolve_baselines("stock-ffcv")
 
 
 def test_recipes_skip_data_smaller_than_a_batch(source):
     args = throughput.get_args_parser().parse_args(["--pipelines", "torchvision", "--recipes", "byol",
                                                     "--recipe-batch", str(len(source) + 1), "--baselines", "none"])
-    rows = throughput.run_recipes(source, args)
+    rows = recipes.run_recipes(source, args)
     assert [(r["recipe"], r["status"]) for r in rows] == [("byol", "skipped")]
     assert "less than one batch" in rows[0]["reason"]

@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bench import quality, throughput
+from bench import machine, quality, specs, throughput
+from bench.data import random_subset
+from bench.recipes import RECIPES
 from pipelines.views import CropSpec, ViewSpec
 
 TINY = ["--synthetic-jpegs", "--photos", "12", "--photo-size", "40x30", "--image-size", "16", "--batch-size", "4",
@@ -81,8 +83,8 @@ def test_throughput_end_to_end_tiny(tmp_path, tiny_method, capsys):
     assert rows[("tiny", "torchvision")]["speedup_vs_torchvision"] == pytest.approx(1.0)
 
     recipes = {(r["recipe"], r["pipeline"]): r for r in result["recipes"]}
-    assert set(throughput.RECIPES) == {name for name, _ in recipes}
-    for name in throughput.RECIPES:  # a failing row (e.g. a planner not finished) is reported, not fatal
+    assert set(RECIPES) == {name for name, _ in recipes}
+    for name in RECIPES:  # a failing row (e.g. a planner not finished) is reported, not fatal
         assert recipes[(name, "torchvision")]["status"] in ("ok", "error")
     assert recipes[("byol", "torchvision")]["status"] == "ok"
     assert recipes[("multicrop", "torchvision")]["views_per_sample"] == 8
@@ -108,12 +110,12 @@ def test_throughput_bad_sweep_is_a_usage_error(tmp_path):
 
 
 def test_spec_accounting_and_slug():
-    spec = throughput.RECIPES["mosrep"]
-    assert throughput.describe(spec) == "2x224+mosaic4x112"
-    assert throughput.views_per_sample(spec) == 6
-    assert throughput.pixels_per_sample(spec) == 3 * 224 ** 2
-    assert throughput.describe(throughput.with_locals(6)) == "2x224+6x96"
-    assert throughput.device_slug(torch.device("cpu")) == f"cpu-{throughput.cpu_count()}core"
+    spec = RECIPES["mosrep"]
+    assert specs.describe(spec) == "2x224+mosaic4x112"
+    assert specs.views_per_sample(spec) == 6
+    assert specs.pixels_per_sample(spec) == 3 * 224 ** 2
+    assert specs.describe(specs.with_locals(6)) == "2x224+6x96"
+    assert machine.device_slug(torch.device("cpu")) == f"cpu-{machine.cpu_count()}core"
 
 
 @pytest.mark.parametrize("name", ["mocov2"])
@@ -140,9 +142,9 @@ def splits(labelled_folder):
 
 def test_subset_is_fixed_and_ordered(splits):
     train, _ = splits
-    a, b = quality.subset(train, 10), quality.subset(train, 10)
+    a, b = random_subset(train, 10, quality.SUBSET_SEED), random_subset(train, 10, quality.SUBSET_SEED)
     assert a.paths == b.paths and len(a) == 10 and a.paths == sorted(a.paths, key=train.paths.index)
-    assert quality.subset(train, 0) is train and quality.subset(train, 10 ** 6) is train
+    assert random_subset(train, 0, 0) is train and random_subset(train, 10 ** 6, 0) is train
     assert list(a.labels) == [train.labels[train.paths.index(p)] for p in a.paths]
 
 
@@ -160,7 +162,7 @@ def test_train_command_and_flag_filtering(tmp_path):
 
 
 def test_markdown_table_lists_every_method():
-    env = throughput.environment(torch.device("cpu"), ["--budget", "cpu"], "bench/quality.py")
+    env = machine.environment(torch.device("cpu"), ["--budget", "cpu"], "bench/quality.py")
     result = {"environment": env, "total_seconds": 3725.0,
               "settings": {"data": "fashion-mnist", "budget": "cpu", "knn_k": 200, "knn_t": 0.1,
                                                "bank_text": "5,000 of 60,000", "queries_text": "5,000 of 10,000",
