@@ -57,6 +57,9 @@ SKIP = 4
 # x * NORM_SCALE + NORM_SHIFT = (x / 255 - MEAN) / STD, in float32 as PlannedLoader.normalize computes it.
 _MEAN255, _STD255 = np.asarray(MEAN, np.float32) * np.float32(255), np.asarray(STD, np.float32) * np.float32(255)
 NORM_SCALE, NORM_SHIFT = np.float32(1) / _STD255, -_MEAN255 / _STD255
+# MosRep's fill colour normalised as above, float32 [3]: computed here once for
+# every renderer that pastes mosaics after normalisation.
+MOSAIC_FILL_NORMALISED = np.asarray(MOSAIC_FILL, np.float32) * NORM_SCALE + NORM_SHIFT
 THREADS = 256  # CUDA threads per view (block); the contrast reduction's shared array has this size
 
 
@@ -770,13 +773,12 @@ def render_views(tiles: torch.Tensor, params: np.ndarray, out: torch.Tensor, thr
 
 
 def mosaic_fill(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """MOSAIC_FILL normalised as the kernels normalise, [3] in `dtype` on
+    """MOSAIC_FILL_NORMALISED, [3] in `dtype` on
     `device`: made and copied once per (device, dtype), not every step (a
     pageable copy to a GPU waits for the host)."""
     key = (torch.device(device), dtype)
     if key not in _FILLS:
-        fill = np.asarray(MOSAIC_FILL, np.float32) * NORM_SCALE + NORM_SHIFT
-        _FILLS[key] = torch.from_numpy(fill).to(device, dtype)
+        _FILLS[key] = torch.from_numpy(MOSAIC_FILL_NORMALISED).to(device, dtype)
     return _FILLS[key]
 
 
@@ -801,7 +803,7 @@ def render_group(family, plan, tiles: torch.Tensor, dtype: torch.dtype, threads:
     GPU graph, FFCV's colour on the device): resized tiles uint8 [count, B,
     s, s, 3] (overwritten) -> normalised [count, B, 3, s, s] (the mosaic:
     canvases [B, 3, S, S]) in `dtype`, channels_last. `family` is a
-    pipelines.base.ViewFamily, `plan` its BatchPlan. CPU tensors run the
+    pipelines.render.ViewFamily, `plan` its BatchPlan. CPU tensors run the
     kernels in Numba's CUDA simulator (tests)."""
     n, batch, s = tiles.shape[0], tiles.shape[1], tiles.shape[2]
     # the kernels write float32 or float16; bfloat16 takes one conversion pass after them

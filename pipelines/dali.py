@@ -75,9 +75,10 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from . import colour
-from .base import PipelineError, PlannedLoader, ViewFamily, view_families
+from .base import PipelineError, PlannedLoader
 from .data import read_checked
 from .plan import BatchPlan, CropPlan
+from .render import place_family, view_families
 from .views import MOSAIC_FILL, AugSpec, Views
 
 # Subtracted before DALI's round-to-nearest conversion to uint8 so that it
@@ -418,14 +419,15 @@ def _native_colour(x, inputs: dict, k: str):
     return x
 
 
-def _fill_uncovered(canvas: torch.Tensor, shift: np.ndarray, fill: torch.Tensor) -> torch.Tensor:
+def _fill_uncovered(canvas: torch.Tensor, shift: np.ndarray, fill: np.ndarray) -> torch.Tensor:
     """The band a canvas's jitter uncovers (multi_paste leaves it 0) takes
     `fill`, the reference's MOSAIC_FILL in the canvas's dtype (normalised
     when the canvas is). canvas [B, S, S, 3]; shift [B, 2] (dx, dy). A CPU
     canvas is filled in place, band only (a masked select over the whole
     canvas cost more than the rest of the main thread's work). The GPU
     graph's canvases are pasted and filled by colour.paste_mosaics instead."""
-    _fill_band(canvas.numpy(), np.ascontiguousarray(shift, np.int64), fill.to(canvas.dtype).numpy())
+    pixels = canvas.numpy()
+    _fill_band(pixels, np.ascontiguousarray(shift, np.int64), fill.astype(pixels.dtype))
     return canvas
 
 
@@ -597,7 +599,7 @@ class DaliLoader(PlannedLoader):
             for v in range(group.count):
                 _copy_out(outputs[i + v], tiles[v], stream)
             i += group.count
-            self._place(views, group, colour.render_group(group, plan, tiles, self.dtype))
+            place_family(views, group, colour.render_group(group, plan, tiles, self.dtype))
         return views
 
     def _cpu_views(self, plan: BatchPlan, outputs) -> Views:
@@ -616,30 +618,14 @@ class DaliLoader(PlannedLoader):
                 _copy_out(outputs[i + v], pixels[v])
             i += n
             if group.kind == "mosaic":
-                fill = torch.tensor(MOSAIC_FILL, dtype=torch.uint8)
-                if normalised:
-                    fill = _normalised(fill)
+                fill = colour.MOSAIC_FILL_NORMALISED if normalised else np.asarray(MOSAIC_FILL, np.uint8)
                 pixels = _fill_uncovered(pixels[0], plan.mosaic.shift, fill)
-            self._place(views, group, finish(pixels))
+            place_family(views, group, finish(pixels))
         return views
-
-    def _place(self, views: Views, group: ViewFamily, pixels: torch.Tensor) -> None:
-        """A family's [n, B, C, H, W] (the mosaic's [B, C, S, S]) into Views."""
-        if group.kind == "crops":
-            views.crops[group.name] = pixels
-        elif group.kind == "original":
-            views.original = pixels[0]
-        else:
-            views.mosaic = pixels
 
     def _to_training(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised [..., H, W, C] -> [..., C, H, W] in the training dtype and device."""
         return pixels.to(self.device, self.dtype, non_blocking=True).movedim(-1, -3)
-
-
-def _normalised(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 values normalised in float32 exactly as the colour kernels do."""
-    return torch.from_numpy(pixels.numpy() * colour.NORM_SCALE + colour.NORM_SHIFT)
 
 
 _TORCH_TYPES = {types.UINT8: torch.uint8, types.FLOAT: torch.float32}

@@ -9,7 +9,7 @@ SOURCE is anything train.py's `--data` takes (an ImageFolder, a .txt file
 list, `fashion-mnist`, nothing or `sample` for the built-in sample). The
 index has already left out the files that cannot be read (empty, truncated,
 garbage); the writer decodes the rest as the reference does
-(pipelines/torchvision.py `decode`: EXIF orientation, 16-bit, CMYK, grey,
+(pipelines/render.py `decode`: EXIF orientation, 16-bit, CMYK, grey,
 palette, alpha) and stores each one so that turbojpeg or a copy gives those
 pixels back: a plain RGB or grey JPEG keeps its own bytes (bit-exact with
 PIL), an image that is not a JPEG is stored raw when it has at most
@@ -90,11 +90,12 @@ torch.set_num_threads(_TORCH_THREADS)
 numba.set_num_threads(_NUMBA_THREADS)  # thread-local in Numba: this (importing) thread's
 
 from . import colour
-from .base import PipelineError, PlannedLoader, view_families
-from .data import EXIF_ORIENTATION, DataError, Source, cache_root
+from .base import PipelineError, PlannedLoader
+from .data import DataError, Source, cache_root
+from .index import EXIF_ORIENTATION
 from .plan import BatchPlan, CropPlan
-from .torchvision import decode
-from .views import MOSAIC_FILL, Views
+from .render import decode, place_family, view_families
+from .views import Views
 
 
 @contextlib.contextmanager
@@ -478,12 +479,11 @@ class FfcvLoader(PlannedLoader):
         """FFCV's loader: one decoder, one branch per view family (compiled here, once)."""
         decoder = _Decode()
         specs, self._ops = {}, []
-        fill = (colour.NORM_SCALE * np.asarray(MOSAIC_FILL, np.float32) + colour.NORM_SHIFT).astype(np.float32)
         for g, group in enumerate(self._groups):
             render = _Render(group.count, group.size, not self.colour_on_device)
             ops = [render]
             if group.kind == "mosaic" and not self.colour_on_device:  # else colour.paste_mosaics on the device
-                ops.append(_Paste(group.count, group.out_size, fill))
+                ops.append(_Paste(group.count, group.out_size, colour.MOSAIC_FILL_NORMALISED))
             self._ops.append(ops)
             specs["image" if g == 0 else f"views{g}"] = (
                 PipelineSpec("image", decoder=decoder, transforms=ops) if g == 0
@@ -573,24 +573,20 @@ class FfcvLoader(PlannedLoader):
                                   pin_memory=self.device.type == "cuda")  # so its copy to a GPU does not block
                 out.copy_(pixels.transpose(0, 1))
                 out = out.to(self.device, self.dtype, non_blocking=True).movedim(-1, -3)
-            if group.kind == "crops":
-                views.crops[group.name] = out
-            elif group.kind == "original":
-                views.original = out[0]
-            else:
-                views.mosaic = out[0]
+                if group.kind == "mosaic":
+                    out = out[0]
+            place_family(views, group, out)
         return views
 
     def _colour_on_device(self, group, plan: BatchPlan, tiles: torch.Tensor) -> torch.Tensor:
         """uint8 tiles [B, count, s, s, 3] -> normalised [count, B, 3, s, s]
-        (the mosaic [1, B, 3, S, S]) by pipelines/colour.py's CUDA kernels,
+        (the mosaic [B, 3, S, S]) by pipelines/colour.py's CUDA kernels,
         as DALI's GPU graph does (colour.render_group)."""
         staged = torch.empty(tiles.shape[1:2] + tiles.shape[:1] + tiles.shape[2:], dtype=torch.uint8,
                              pin_memory=self.device.type == "cuda")  # pageable memory would make the copy block
         staged.copy_(tiles.transpose(0, 1))
         on_device = staged.to(self.device, non_blocking=True)
-        out = colour.render_group(group, plan, on_device, self.dtype)
-        return out[None] if group.kind == "mosaic" else out
+        return colour.render_group(group, plan, on_device, self.dtype)
 
     def close(self) -> None:
         self._stop()
