@@ -46,8 +46,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .index import (EXIF_ORIENTATION, TRANSPOSED_ORIENTATIONS, join_paths, load_index, probe_all, probe_bytes, save_index,
-                    split_paths)
+from .index import (EXIF_ORIENTATION, TRANSPOSED_ORIENTATIONS, join_paths, load_index, probe_all, probe_bytes,
+                    save_index, split_paths)
 
 
 class DataError(ValueError):
