@@ -27,7 +27,8 @@ def data_arguments(p: argparse.ArgumentParser, photos, photos_default_text: str 
 
 def prepare_data(args) -> tuple:
     """The source every measurement reads, and a description of it."""
-    from pipelines.data import cache_root, make_photo_folder, open_source
+    from bench.photos import make_photo_folder
+    from pipelines.data import cache_root, open_source
     w, h = (int(v) for v in args.photo_size.lower().split("x"))
     if args.data:
         source = open_source(args.data, "train")

@@ -54,7 +54,8 @@ from bench.data import data_arguments, prepare_data  # noqa: E402
 from bench.recipes import RECIPES  # noqa: E402
 from bench.specs import describe  # noqa: E402
 from pipelines import colour  # noqa: E402
-from pipelines.dali import DaliLoader, _type  # noqa: E402
+from pipelines.dali import DaliLoader  # noqa: E402
+from pipelines.dali_graph import BYTES  # noqa: E402
 
 OPS = {"brightness": 0, "contrast": 1, "saturation": 2, "hue": 3}
 
@@ -81,17 +82,17 @@ def graph_only(loader: DaliLoader, views: bool):
     @pipeline_def
     def graph():
         inputs = dict(zip(keys, fn.external_source(source=feed, num_outputs=len(keys), batch=True,
-                                                    dtype=[_type(k)[0] for k in keys],
-                                                    ndim=[_type(k)[1] for k in keys])))
-        image = fn.decoders.image(inputs["bytes"], device="cpu", output_type=types.RGB)
+                                                    dtype=[k.dtype for k in keys],
+                                                    ndim=[k.ndim for k in keys])))
+        image = fn.decoders.image(inputs[BYTES], device="cpu", output_type=types.RGB)
         if not views:
             return image
         outs = []
         for g, group in enumerate(feed.groups):
             for view in feed.views[g]:
-                k = f"{view.g}.{view.v}."
-                outs.append(fn.resize(image, size=[group.size] * 2, roi_start=inputs[k + "start"],
-                                      roi_end=inputs[k + "end"], roi_relative=True,
+                k = view.inputs(feed.mode)
+                outs.append(fn.resize(image, size=[group.size] * 2, roi_start=inputs[k["start"]],
+                                      roi_end=inputs[k["end"]], roi_relative=True,
                                       interp_type=types.INTERP_LINEAR, antialias=True))
         return tuple(outs)
 
@@ -177,7 +178,7 @@ def profile(name, spec, source, batch, batches) -> dict:
 
 
 def profile_ffcv(name, spec, source, batch, batches) -> dict:
-    from pipelines import ffcv
+    from pipelines import ffcv, ffcv_stage
 
     out = {}
     loader = ffcv.FfcvLoader(spec, source, batch_size=batch, workers=1)
@@ -199,7 +200,7 @@ def profile_ffcv(name, spec, source, batch, batches) -> dict:
     def decode_all():
         for data_s, hw, out_s in zip(files, sizes, decoded):
             for data, h, w, image in zip(data_s, *hw, out_s):
-                if ffcv._jpeg_decode(data.ctypes.data, data.size, image.ctypes.data, h, w) != 0:
+                if ffcv_stage.jpeg_decode(data.ctypes.data, data.size, image.ctypes.data, h, w) != 0:
                     raise SystemExit("profile: --pipeline ffcv times JPEG files; turbojpeg refused one")
     out["decode"] = per_sample(decode_all, n)
     tiles = [[np.empty((group.count, len(plan.index), group.size, group.size, 3), np.uint8)
@@ -210,7 +211,7 @@ def profile_ffcv(name, spec, source, batch, batches) -> dict:
             for group_rows, group_tiles in zip(rows_s, tiles_s):
                 for v in range(group_rows.shape[0]):
                     for b, image in enumerate(images):
-                        ffcv.resample_view(image, group_rows[v, b], group_tiles[v, b])
+                        ffcv_stage.resample_view(image, group_rows[v, b], group_tiles[v, b])
     out["resize"] = per_sample(resize_all, n)
 
     def colour_all():
@@ -219,7 +220,7 @@ def profile_ffcv(name, spec, source, batch, batches) -> dict:
                 views = np.empty(group_tiles.shape, np.float32)
                 for v in range(group_rows.shape[0]):
                     for b in range(group_rows.shape[1]):
-                        colour.render(views[v, b], group_tiles[v, b], group_rows[v, b, ffcv.G_LEN:])
+                        colour.render(views[v, b], group_tiles[v, b], group_rows[v, b, ffcv_stage.ROW_COLOUR:])
     out["colour"] = per_sample(colour_all, n)
 
     def loader_epoch():  # whole: stopping early would wait for the batches FFCV's thread renders ahead

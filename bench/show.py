@@ -140,7 +140,7 @@ def view_sheet(plan, renders: dict, source, spec, *, title: str = "", panel: int
     """The sheet of one step: `renders` maps pipeline name -> Views of `plan`
     (one or two pipelines; with two, each view is shown by both side by side,
     then their difference)."""
-    from pipelines.torchvision import decode
+    from pipelines.render import decode
     names = list(renders)
     two = len(names) > 1
     font = _font()

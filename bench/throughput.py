@@ -37,7 +37,7 @@ Defaults (each a flag):           GPU (cuda)              CPU
   --recipe-epochs                 3 windows of one whole epoch each, after one untimed epoch
   --epochs-rss / --rss-images     5 epochs of all photos  5 epochs of 256 photos
 
-Data: real photographs, cut once by `pipelines.data.make_photo_folder` from
+Data: real photographs, cut once by `bench.photos.make_photo_folder` from
 Debian's wallpapers into the viewforge cache and reused (--synthetic-jpegs:
 random-noise JPEGs instead, with a warning; --data DIR: your own images).
 

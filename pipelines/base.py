@@ -5,7 +5,8 @@ a generator of `Views` for steps start, start+1, ... of `epoch`, rendered
 from `self.planner.plan(epoch, step)`, and `close()`, which ends whatever
 it started (workers, threads, graphs). Iteration, `len`, mid-epoch
 `state_dict()` / `load_state_dict()` and every non-pixel field of `Views`
-(boxes, RoIs, indices, labels) live here, written once.
+(boxes, RoIs, indices, labels) live here, written once; what the
+renderers share lives in pipelines/render.py and pipelines/colour.py.
 
 A loader is a context manager, and is also closed when it is garbage
 collected and at interpreter exit, so that nothing it started outlives
@@ -19,15 +20,13 @@ from __future__ import annotations
 
 import abc
 import atexit
-import math
 import weakref
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from .plan import BatchPlan, CropPlan, Planner
+from .plan import BatchPlan, Planner
 from .views import MEAN, STD, ViewSpec, Views
 
 
@@ -250,38 +249,3 @@ _TORCH_DTYPES = {np.dtype(d): t for d, t in ((np.bool_, torch.bool), (np.uint8, 
                                               (np.int16, torch.int16), (np.int32, torch.int32),
                                               (np.int64, torch.int64), (np.float16, torch.float16),
                                               (np.float32, torch.float32), (np.float64, torch.float64))}
-
-
-@dataclass(frozen=True)
-class ViewFamily:
-    """Views rendered from one CropPlan: a crop family, the original, or the
-    mosaic's tiles (what a renderer loops over; the same for every pipeline)."""
-    kind: str   # 'crops', 'original' or 'mosaic'
-    name: str
-    count: int
-    size: int
-    augs: tuple  # one AugSpec per view
-
-    def plan(self, plan: BatchPlan) -> CropPlan:
-        if self.kind == "crops":
-            return plan.crops[self.name]
-        return plan.original if self.kind == "original" else plan.mosaic.crops
-
-    @property
-    def outputs(self) -> int:  # the mosaic's tiles leave a renderer pasted, as one canvas
-        return 1 if self.kind == "mosaic" else self.count
-
-    @property
-    def out_size(self) -> int:
-        return self.size * math.isqrt(self.count) if self.kind == "mosaic" else self.size
-
-
-def view_families(spec: ViewSpec) -> list:
-    families = [ViewFamily("crops", c.name, c.count, c.size, tuple(c.aug(v) for v in range(c.count)))
-                for c in spec.crops]
-    if spec.original is not None:
-        families.append(ViewFamily("original", "original", 1, spec.original.size, (spec.original.aug,)))
-    if spec.mosaic is not None:
-        m = spec.mosaic
-        families.append(ViewFamily("mosaic", "mosaic", m.crops_per_image, m.crop_size, (m.aug,) * m.crops_per_image))
-    return families

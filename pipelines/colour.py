@@ -7,7 +7,7 @@ The maths lives in `_pixel_ops`, one set of per-pixel functions compiled
 twice:
 
 - for the CPU (`numba.njit`): `augment` / `render`, run per view by the DALI
-  CPU graph's Numba operator (pipelines/dali.py);
+  CPU graph's Numba operator (pipelines/dali_graph.py) and FFCV's compiled stage;
 - for CUDA (`numba.cuda.jit`): `render_group`, what follows the resize on
   a GPU for DALI's GPU graph and FFCV's colour on the device: per view
   family and step, `render_views` over all its views (up to three launches
@@ -57,6 +57,9 @@ SKIP = 4
 # x * NORM_SCALE + NORM_SHIFT = (x / 255 - MEAN) / STD, in float32 as PlannedLoader.normalize computes it.
 _MEAN255, _STD255 = np.asarray(MEAN, np.float32) * np.float32(255), np.asarray(STD, np.float32) * np.float32(255)
 NORM_SCALE, NORM_SHIFT = np.float32(1) / _STD255, -_MEAN255 / _STD255
+# MosRep's fill colour normalised as above, float32 [3]: computed here once for
+# every renderer that pastes mosaics after normalisation.
+MOSAIC_FILL_NORMALISED = np.asarray(MOSAIC_FILL, np.float32) * NORM_SCALE + NORM_SHIFT
 THREADS = 256  # CUDA threads per view (block); the contrast reduction's shared array has this size
 
 
@@ -102,6 +105,43 @@ def _pixel_ops(jit, mul, add, dmul, rint):
     def contrast_centre(total, count):
         """ImageEnhance.Contrast's centre: the 'L' image's mean, rounded (int64)."""
         return np.int64(np.float64(total) / np.float64(count) + np.float64(0.5))
+
+    @jit
+    def tap(acc, weight, value):
+        """One tap of torchvision's Gaussian: acc + weight * value, float32."""
+        return add(acc, mul(weight, np.float32(value)))
+
+    @jit
+    def round_even_clip(v):
+        """torch.round (half to even) of a float32 sum, clipped to uint8."""
+        return np.uint8(min(max(rint(v), np.float32(0)), np.float32(255)))
+
+    @jit
+    def solarize(v):
+        return np.uint8(255) - v if v >= 128 else v
+
+    @jit
+    def normalise(v, scale, shift):
+        return add(mul(np.float32(v), scale), shift)
+
+    @jit
+    def reflect(i, n):
+        """torch's 'reflect' padding (edge not repeated; DALI's reflect-101)."""
+        if i < 0:
+            return -i
+        if i >= n:
+            return 2 * n - 2 - i
+        return i
+
+    hue = _hue_op(jit, mul, dmul)
+    return pytypes.SimpleNamespace(luma=luma, blend=blend, contrast_centre=contrast_centre, hue=hue, tap=tap,
+                                   round_even_clip=round_even_clip, solarize=solarize, normalise=normalise,
+                                   reflect=reflect)
+
+
+def _hue_op(jit, mul, dmul):
+    """torchvision's PIL adjust_hue of one pixel, compiled by `jit` over the
+    target's float32 (`mul`) and float64 (`dmul`) multiply (_pixel_ops)."""
 
     @jit
     def round_clip(v):
@@ -157,36 +197,7 @@ def _pixel_ops(jit, mul, add, dmul, rint):
             return t, p, vv
         return vv, p, q
 
-    @jit
-    def tap(acc, weight, value):
-        """One tap of torchvision's Gaussian: acc + weight * value, float32."""
-        return add(acc, mul(weight, np.float32(value)))
-
-    @jit
-    def round_even_clip(v):
-        """torch.round (half to even) of a float32 sum, clipped to uint8."""
-        return np.uint8(min(max(rint(v), np.float32(0)), np.float32(255)))
-
-    @jit
-    def solarize(v):
-        return np.uint8(255) - v if v >= 128 else v
-
-    @jit
-    def normalise(v, scale, shift):
-        return add(mul(np.float32(v), scale), shift)
-
-    @jit
-    def reflect(i, n):
-        """torch's 'reflect' padding (edge not repeated; DALI's reflect-101)."""
-        if i < 0:
-            return -i
-        if i >= n:
-            return 2 * n - 2 - i
-        return i
-
-    return pytypes.SimpleNamespace(luma=luma, blend=blend, contrast_centre=contrast_centre, hue=hue, tap=tap,
-                                   round_even_clip=round_even_clip, solarize=solarize, normalise=normalise,
-                                   reflect=reflect)
+    return hue
 
 
 # ---------------------------------------------------------------- CPU
@@ -445,8 +456,16 @@ def _cuda_kernels() -> dict:
         from numba.cuda import libdevice
         mul, add, dmul, rint = libdevice.fmul_rn, libdevice.fadd_rn, libdevice.dmul_rn, libdevice.rintf
     ops = _pixel_ops(device, mul, add, dmul, rint)
-    luma, blend, centre, hue, tap = ops.luma, ops.blend, ops.contrast_centre, ops.hue, ops.tap
-    round_even_clip, solarize, normalise, reflect = ops.round_even_clip, ops.solarize, ops.normalise, ops.reflect
+    d = _device_helpers(device, ops)
+    _KERNELS.update(pixel=_pixel_kernel(d), blur=_blur_kernel(d), blur_pass=_blur_pass_kernel(d),
+                    paste=_paste_kernel(d))
+    return _KERNELS
+
+
+def _device_helpers(device, ops):
+    """The kernels' device functions: the per-pixel maths (`ops`, from
+    _pixel_ops) and the helpers over a view's parameters and a block's tile."""
+    luma, blend, hue, solarize, normalise = ops.luma, ops.blend, ops.hue, ops.solarize, ops.normalise
 
     @device
     def contrast_slot(p):
@@ -498,6 +517,14 @@ def _cuda_kernels() -> dict:
             value = solarize(value)
         out[v, y, x, c] = normalise(value, pick(scale, c), pick(shift, c))
 
+    return pytypes.SimpleNamespace(**vars(ops), contrast_slot=contrast_slot, jitter=jitter, pick=pick,
+                                   tile_walk=tile_walk, finish=finish)
+
+
+def _pixel_kernel(d):
+    contrast_slot, centre, tile_walk, jitter, luma, finish = (d.contrast_slot, d.contrast_centre, d.tile_walk,
+                                                              d.jitter, d.luma, d.finish)
+
     @_kernel
     def pixel_kernel(img, params, views, totals, out, tile, totals_pass, scale, shift):
         """Block (i, ty, tx): tile (ty, tx) of view views[i], one pixel at a
@@ -547,6 +574,12 @@ def _cuda_kernels() -> dict:
             cuda.syncthreads()
             if lead:
                 cuda.atomic.add(totals, v, block[0])
+
+    return pixel_kernel
+
+
+def _blur_kernel(d):
+    reflect, tap, round_even_clip, finish = d.reflect, d.tap, d.round_even_clip, d.finish
 
     @_kernel
     def blur_kernel(img, params, views, weights, out, tile_h, tile_w, k_max, scale, shift):
@@ -608,6 +641,12 @@ def _cuda_kernels() -> dict:
                     xx += bx
                 yy += by
 
+    return blur_kernel
+
+
+def _blur_pass_kernel(d):
+    tile_walk, reflect, tap, round_even_clip, finish = d.tile_walk, d.reflect, d.tap, d.round_even_clip, d.finish
+
     @_kernel
     def blur_pass_kernel(img, rows, params, views, weights, out, tile, along_rows, scale, shift):
         """The fallback, one pass a launch over tiles of the blurred views:
@@ -636,6 +675,12 @@ def _cuda_kernels() -> dict:
                         finish(out, v, y, x, c, round_even_clip(acc), sol, scale, shift)
                 x += cuda.blockDim.x
             y += cuda.blockDim.y
+
+    return blur_pass_kernel
+
+
+def _paste_kernel(d):
+    tile_walk = d.tile_walk
 
     @_kernel
     def paste_kernel(tiles, tile_crop, tile_src, paste, fill, canvas, tile):
@@ -666,8 +711,7 @@ def _cuda_kernels() -> dict:
                 xx += cuda.blockDim.x
             yy += cuda.blockDim.y
 
-    _KERNELS.update(pixel=pixel_kernel, blur=blur_kernel, blur_pass=blur_pass_kernel, paste=paste_kernel)
-    return _KERNELS
+    return paste_kernel
 
 
 def _launch(kernel, grid, threads: int, args, device: torch.device, shared: int = 0) -> None:
@@ -770,13 +814,12 @@ def render_views(tiles: torch.Tensor, params: np.ndarray, out: torch.Tensor, thr
 
 
 def mosaic_fill(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """MOSAIC_FILL normalised as the kernels normalise, [3] in `dtype` on
+    """MOSAIC_FILL_NORMALISED, [3] in `dtype` on
     `device`: made and copied once per (device, dtype), not every step (a
     pageable copy to a GPU waits for the host)."""
     key = (torch.device(device), dtype)
     if key not in _FILLS:
-        fill = np.asarray(MOSAIC_FILL, np.float32) * NORM_SCALE + NORM_SHIFT
-        _FILLS[key] = torch.from_numpy(fill).to(device, dtype)
+        _FILLS[key] = torch.from_numpy(MOSAIC_FILL_NORMALISED).to(device, dtype)
     return _FILLS[key]
 
 
@@ -801,7 +844,7 @@ def render_group(family, plan, tiles: torch.Tensor, dtype: torch.dtype, threads:
     GPU graph, FFCV's colour on the device): resized tiles uint8 [count, B,
     s, s, 3] (overwritten) -> normalised [count, B, 3, s, s] (the mosaic:
     canvases [B, 3, S, S]) in `dtype`, channels_last. `family` is a
-    pipelines.base.ViewFamily, `plan` its BatchPlan. CPU tensors run the
+    pipelines.render.ViewFamily, `plan` its BatchPlan. CPU tensors run the
     kernels in Numba's CUDA simulator (tests)."""
     n, batch, s = tiles.shape[0], tiles.shape[1], tiles.shape[2]
     # the kernels write float32 or float16; bfloat16 takes one conversion pass after them
@@ -814,3 +857,4 @@ def render_group(family, plan, tiles: torch.Tensor, dtype: torch.dtype, threads:
         paste_mosaics(out, plan.mosaic, mosaic_fill(tiles.device, kernel_dtype), canvas, threads, tile)
         out = canvas
     return out.to(dtype).movedim(-1, -3)
+

@@ -57,6 +57,9 @@ buffers whose shape and dtype are checked first. The CPU graph's outputs go
 to pinned memory when the training device is a GPU, so their copy is
 asynchronous. Every crops[name][i] is a channels_last [B, C, H, W] view of
 [count, B, H, W, C] memory.
+
+This module is the loader and its feed; the graph itself (its typed
+inputs, operators and the Numba CPU operator) is pipelines/dali_graph.py.
 """
 from __future__ import annotations
 
@@ -66,7 +69,6 @@ import functools
 import queue
 import threading
 import weakref
-from dataclasses import dataclass
 from typing import Iterator
 
 import numba
@@ -74,70 +76,12 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from . import colour
-from .base import PipelineError, PlannedLoader, ViewFamily, view_families
+from . import colour, dali_graph
+from .base import PipelineError, PlannedLoader
 from .data import read_checked
-from .plan import BatchPlan, CropPlan
-from .views import MOSAIC_FILL, AugSpec, Views
-
-# Subtracted before DALI's round-to-nearest conversion to uint8 so that it
-# truncates like PIL's Image.blend.
-_TRUNC = 0.499
-_SOLARIZE = [i if i < 128 else 255 - i for i in range(256)]
-# nvJPEG on H100/H200 (DALI's ImageNet examples): the hardware decoder takes
-# nearly every image, and buffers sized for ImageNet-scale photos are
-# allocated once, up front, instead of growing during the first steps.
-_GPU_DECODER = dict(hw_decoder_load=0.99, preallocate_width_hint=5980, preallocate_height_hint=6430,
-                    device_memory_padding=211025920, host_memory_padding=140544512)
-# DaliLoader.mode, how each graph renders colour: 'numba' (CPU graph, the
-# Numba operator in the graph), 'dali' (CPU graph, DALI's colour operators:
-# the fallback without DALI's Numba plugin), 'cuda' (GPU graph: decode and
-# resize only; pipelines/colour.py's kernel renders every view after it).
-
-
-# ---------------------------------------------------------------- static layout
-def _mode(p: float) -> str:
-    """How an operation of probability p enters the graph."""
-    return "off" if p <= 0 else "on" if p >= 1 else "cond"
-
-
-@dataclass(frozen=True)
-class _View:
-    """View v of group g, and the graph inputs its AugSpec needs."""
-    g: int
-    v: int
-    aug: AugSpec
-
-    def keys(self, mode: str) -> list:
-        a, k = self.aug, f"{self.g}.{self.v}."
-        keys = [k + "start", k + "end"]
-        if mode == "cuda":  # the graph only decodes and resizes
-            return keys
-        if mode == "numba":  # the CPU operator runs on every view: it also normalises
-            return keys + [k + "p"]
-        if a.jitter_p > 0:
-            keys += [k + f"{p}{i}" for i in range(4) for p in "abdh"]
-        if a.grayscale_p > 0:
-            keys.append(k + "g")
-        if _mode(a.blur_p) == "cond":
-            keys.append(k + "blur")
-        if a.blur_p > 0:
-            keys.append(k + "sigma")
-        if _mode(a.solarize_p) == "cond":
-            keys.append(k + "sol")
-        return keys
-
-
-_MOSAIC_KEYS = ["in_ids", "in_anchors", "shapes", "out_anchors"]
-_TYPES = {"bytes": (types.UINT8, 1), "start": (types.FLOAT, 1), "end": (types.FLOAT, 1), "p": (types.FLOAT, 1),
-          "blur": (types.BOOL, 0), "sol": (types.BOOL, 0), "in_ids": (types.INT32, 1),
-          "in_anchors": (types.INT32, 2), "shapes": (types.INT32, 2), "out_anchors": (types.INT32, 2)}
-
-
-def _type(key: str) -> tuple:
-    """(DALI type, sample ndim) of an input, from its name's last part."""
-    return _TYPES.get(key.rsplit(".", 1)[-1], (types.FLOAT, 0))  # the rest: float scalars
-
+from .plan import BatchPlan
+from .render import place_family, view_families
+from .views import MOSAIC_FILL, Views
 
 # ---------------------------------------------------------------- the feed
 class _Feed:
@@ -278,154 +222,20 @@ def _prepare(planner, source, groups, views, keys, mode, table, known_bad, epoch
     plan = planner.plan(epoch, step, neighbours=table)
     # Bytes checked as the index checked them: DALI stops the whole graph on a bad file.
     data, replaced = read_checked(source, plan.index.tolist(), known_bad)
-    arrays = _arrays(plan, data, planner, groups, views, mode)
+    arrays = dali_graph.graph_arrays(plan, data, planner, groups, views, mode)
     return plan, replaced, [arrays[k] for k in keys]
 
 
-def _arrays(plan: BatchPlan, data: list, planner, groups, views, mode) -> dict:
-    """Every input of `plan` by name; numpy, batch first, vectorised over views."""
-    out = {"bytes": data}
-    width = planner.widths[plan.index].astype(np.float64)
-    height = planner.heights[plan.index].astype(np.float64)
-    for g, group in enumerate(groups):
-        cp = group.plan(plan)
-        arr = _window_arrays(cp, width, height)
-        if mode == "numba":
-            arr["p"] = colour.view_params(cp, group.augs, group.size)
-        elif mode == "dali":
-            arr.update(_native_arrays(cp))
-        for view in views[g]:
-            skip = len(f"{g}.{view.v}.")
-            for key in view.keys(mode):
-                out[key] = arr[key[skip:]][view.v]
-        if group.kind == "mosaic" and mode != "cuda":
-            out.update(_paste_arrays(plan.mosaic, group.size))
-    return out
 
-
-def _window_arrays(cp: CropPlan, width, height) -> dict:
-    """roi_start / roi_end float32 [count, B, 2]: (y, x) as fractions of the
-    decoded image; a flipped view has its x ends swapped."""
-    top, left, h, w = (cp.window[..., i].astype(np.float64) for i in range(4))
-    x0 = np.where(cp.flip, left + w, left)
-    x1 = np.where(cp.flip, left, left + w)
-    start = np.stack([top / height, x0 / width], axis=-1)
-    end = np.stack([(top + h) / height, x1 / width], axis=-1)
-    return {"start": np.clip(start, 0, 1).astype(np.float32), "end": np.clip(end, 0, 1).astype(np.float32)}
-
-
-def _native_arrays(cp: CropPlan) -> dict:
-    """Scalars of the DALI-operator path, float32 [count, B] (bool for the
-    conditionals): jitter slot i maps x to a*x + b*L + d*mean(L) (L: the 'L'
-    image), then rotates hue by h degrees; the slot's operation sets its
-    values, the rest stay identity (all four slots are identity without jitter)."""
-    f = cp.factors
-    op = np.where(cp.jitter[..., None], cp.order, -1)  # [count, B, 4]
-    fb, fc, fs, fh = (f[..., i:i + 1] for i in range(4))
-    a = np.select([op == 0, op == 1, op == 2], [fb, fc, fs], 1)
-    b = np.where(op == 2, 1 - fs, 0)
-    d = np.where(op == 1, 1 - fc, 0)
-    h = np.where(op == 3, fh * 360, 0)
-    out = {"g": cp.gray, "blur": cp.sigma > 0, "sol": cp.solarize,
-           "sigma": np.maximum(cp.sigma, 1e-3)}  # sigma 0 is refused; unused then
-    for i in range(4):
-        out.update({f"a{i}": a[..., i], f"b{i}": b[..., i], f"d{i}": d[..., i], f"h{i}": h[..., i]})
-    return {k: np.ascontiguousarray(v, np.bool_ if v.dtype == np.bool_ and k != "g" else np.float32)
-            for k, v in out.items()}
-
-
-def _paste_arrays(mosaic, crop: int) -> dict:
-    """multi_paste's tables, int32 [B, M, ...]: tile t of canvas c is rows
-    [tile_crop * crop + src_y, + h) and columns [src_x, + w) of image
-    tile_src's strip of M tiles, pasted at (dst_y, dst_x)."""
-    p = mosaic.paste
-    in_anchors = np.stack([mosaic.tile_crop * crop + p[..., 0], p[..., 1]], axis=-1)
-    return {"in_ids": np.ascontiguousarray(mosaic.tile_src, np.int32),
-            "in_anchors": np.ascontiguousarray(in_anchors, np.int32),
-            "shapes": np.ascontiguousarray(p[..., 2:4], np.int32),
-            "out_anchors": np.ascontiguousarray(p[..., 4:6], np.int32)}
-
-
-# ---------------------------------------------------------------- the graph
-@pipeline_def(enable_conditionals=True)
-def _graph(feed: _Feed, cpu_op):
-    keys = feed.keys
-    inputs = dict(zip(keys, fn.external_source(source=feed, num_outputs=len(keys), batch=True,
-                                                dtype=[_type(k)[0] for k in keys],
-                                                ndim=[_type(k)[1] for k in keys])))
-    # fancy upsampling: nvJPEG's chroma upsampling as libjpeg-turbo's (the CPU graph's and PIL's)
-    image = (fn.decoders.image(inputs["bytes"], device="mixed", output_type=types.RGB, jpeg_fancy_upsampling=True,
-                               **_GPU_DECODER)
-             if feed.mode == "cuda" else fn.decoders.image(inputs["bytes"], device="cpu", output_type=types.RGB))
-    outputs = []
-    for g, group in enumerate(feed.groups):
-        views = [_view(image, inputs, view, group.size, feed.mode, cpu_op) for view in feed.views[g]]
-        if group.kind != "mosaic" or feed.mode == "cuda":  # the kernel pastes the GPU graph's tiles
-            outputs.extend(views)
-            continue
-        strip = fn.cat(*views, axis=0) if len(views) > 1 else views[0]  # [M * s, s, 3]
-        outputs.append(fn.multi_paste(strip, in_ids=inputs["in_ids"], in_anchors=inputs["in_anchors"],
-                                      shapes=inputs["shapes"], out_anchors=inputs["out_anchors"],
-                                      output_size=[group.out_size] * 2))
-    return tuple(outputs)
-
-
-def _view(image, inputs: dict, view: _View, size: int, mode: str, cpu_op):
-    """One view of every sample: [s, s, 3] HWC, uint8 (float32, normalised, from the Numba operator)."""
-    k = f"{view.g}.{view.v}."
-    x = fn.resize(image, size=[size, size], roi_start=inputs[k + "start"], roi_end=inputs[k + "end"],
-                  roi_relative=True, interp_type=types.INTERP_LINEAR, antialias=True)
-    if mode == "cuda":
-        return x
-    if mode == "numba":  # the operator's output has no layout; later operators need HWC
-        return fn.reshape(cpu_op(x, inputs[k + "p"]), layout="HWC")
-    x = _native_colour(x, inputs, k)
-    if k + "sigma" in inputs:
-        window = view.aug.blur_kernel(size)
-        if k + "blur" in inputs:
-            blurred = inputs[k + "blur"]
-            if blurred:  # a DALI conditional: only the blurred samples are computed
-                x = fn.gaussian_blur(x, window_size=window, sigma=inputs[k + "sigma"])
-        else:
-            x = fn.gaussian_blur(x, window_size=window, sigma=inputs[k + "sigma"])
-    if view.aug.solarize_p > 0:
-        if k + "sol" in inputs:
-            solarized = inputs[k + "sol"]
-            if solarized:
-                x = fn.lookup_table(x, keys=list(range(256)), values=_SOLARIZE, dtype=types.UINT8)
-        else:
-            x = fn.lookup_table(x, keys=list(range(256)), values=_SOLARIZE, dtype=types.UINT8)
-    return x
-
-
-def _native_colour(x, inputs: dict, k: str):
-    """The four jitter slots, then grayscale, with DALI's CPU operators (when
-    the AugSpec has them). Hue is `color_twist`'s YIQ rotation, not
-    torchvision's HSV shift: this path is the fallback for a DALI without its
-    Numba plugin, not the definition of the views."""
-    from nvidia.dali import math as dmath
-
-    if k + "a0" in inputs:
-        for i in range(4):
-            luma = fn.color_space_conversion(x, image_type=types.RGB, output_type=types.GRAY)
-            centre = dmath.floor(fn.reductions.mean(luma) + 0.5)
-            mixed = inputs[k + f"a{i}"] * x + inputs[k + f"b{i}"] * luma + inputs[k + f"d{i}"] * centre - _TRUNC
-            x = fn.color_twist(fn.cast(mixed, dtype=types.UINT8), hue=inputs[k + f"h{i}"])
-    if k + "g" in inputs:
-        luma = fn.color_space_conversion(x, image_type=types.RGB, output_type=types.GRAY)
-        g = inputs[k + "g"]  # 0 or 1: exact either way
-        x = fn.cast(g * luma + (1.0 - g) * x, dtype=types.UINT8)
-    return x
-
-
-def _fill_uncovered(canvas: torch.Tensor, shift: np.ndarray, fill: torch.Tensor) -> torch.Tensor:
+def _fill_uncovered(canvas: torch.Tensor, shift: np.ndarray, fill: np.ndarray) -> torch.Tensor:
     """The band a canvas's jitter uncovers (multi_paste leaves it 0) takes
     `fill`, the reference's MOSAIC_FILL in the canvas's dtype (normalised
     when the canvas is). canvas [B, S, S, 3]; shift [B, 2] (dx, dy). A CPU
     canvas is filled in place, band only (a masked select over the whole
     canvas cost more than the rest of the main thread's work). The GPU
     graph's canvases are pasted and filled by colour.paste_mosaics instead."""
-    _fill_band(canvas.numpy(), np.ascontiguousarray(shift, np.int64), fill.to(canvas.dtype).numpy())
+    pixels = canvas.numpy()
+    _fill_band(pixels, np.ascontiguousarray(shift, np.int64), fill.astype(pixels.dtype))
     return canvas
 
 
@@ -493,11 +303,14 @@ class DaliLoader(PlannedLoader):
         if colour != "auto" and self.gpu:
             raise PipelineError(f"dali: colour={colour!r} is a CPU-graph option; the GPU graph's colour is the "
                                 "CUDA kernel's")
-        if colour == "numba" and _cpu_operator() is None:
+        if colour == "numba" and dali_graph.cpu_operator() is None:
             raise PipelineError("dali: colour='numba' needs DALI's Numba plugin")
-        self.mode = "cuda" if self.gpu else "dali" if colour == "dali" or _cpu_operator() is None else "numba"
+        # how this loader's graph renders colour (pipelines/dali_graph.py: 'cuda', 'numba' or 'dali')
+        self.mode = ("cuda" if self.gpu else "dali" if colour == "dali" or dali_graph.cpu_operator() is None
+                     else "numba")
         self._groups = view_families(spec)
-        self._views = [[_View(g, v, a) for v, a in enumerate(group.augs)] for g, group in enumerate(self._groups)]
+        self._views = [[dali_graph.View(g, v, a) for v, a in enumerate(group.augs)]
+                       for g, group in enumerate(self._groups)]
         self._pipe, self._feed, self._token = None, None, None
         self._known_bad = set()  # files that passed the header check but failed DALI's decode
 
@@ -505,14 +318,13 @@ class DaliLoader(PlannedLoader):
     def _pipeline(self):
         """The graph, not yet built. The GPU graph runs on DALI's dynamic
         executor, whose outputs can be bound to torch's stream (no host wait)."""
-        keys = ["bytes"] + [k for views in self._views for view in views for k in view.keys(self.mode)]
-        if self.spec.mosaic is not None and self.mode != "cuda":
-            keys += _MOSAIC_KEYS
+        keys = dali_graph.graph_inputs(self._views, self.mode, self.spec.mosaic is not None)
         self._feed = _Feed(self.planner, self.source, self._groups, self._views, keys, self.mode)
         extra = {"exec_dynamic": True} if self.gpu else {}
         # planner.rows: the batch, and as many neighbour rows again when the spec fetches neighbours
-        return _graph(self._feed, _cpu_operator() if self.mode == "numba" else None, batch_size=self.planner.rows,
-                      num_threads=max(1, self.workers), device_id=self.device_id, prefetch_queue_depth=2, **extra)
+        cpu_op = dali_graph.cpu_operator() if self.mode == "numba" else None
+        return dali_graph.graph(self._feed, cpu_op, batch_size=self.planner.rows, num_threads=max(1, self.workers),
+                                device_id=self.device_id, prefetch_queue_depth=2, **extra)
 
     def _build(self):
         pipe = self._pipeline()
@@ -597,7 +409,7 @@ class DaliLoader(PlannedLoader):
             for v in range(group.count):
                 _copy_out(outputs[i + v], tiles[v], stream)
             i += group.count
-            self._place(views, group, colour.render_group(group, plan, tiles, self.dtype))
+            place_family(views, group, colour.render_group(group, plan, tiles, self.dtype))
         return views
 
     def _cpu_views(self, plan: BatchPlan, outputs) -> Views:
@@ -616,30 +428,14 @@ class DaliLoader(PlannedLoader):
                 _copy_out(outputs[i + v], pixels[v])
             i += n
             if group.kind == "mosaic":
-                fill = torch.tensor(MOSAIC_FILL, dtype=torch.uint8)
-                if normalised:
-                    fill = _normalised(fill)
+                fill = colour.MOSAIC_FILL_NORMALISED if normalised else np.asarray(MOSAIC_FILL, np.uint8)
                 pixels = _fill_uncovered(pixels[0], plan.mosaic.shift, fill)
-            self._place(views, group, finish(pixels))
+            place_family(views, group, finish(pixels))
         return views
-
-    def _place(self, views: Views, group: ViewFamily, pixels: torch.Tensor) -> None:
-        """A family's [n, B, C, H, W] (the mosaic's [B, C, S, S]) into Views."""
-        if group.kind == "crops":
-            views.crops[group.name] = pixels
-        elif group.kind == "original":
-            views.original = pixels[0]
-        else:
-            views.mosaic = pixels
 
     def _to_training(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised [..., H, W, C] -> [..., C, H, W] in the training dtype and device."""
         return pixels.to(self.device, self.dtype, non_blocking=True).movedim(-1, -3)
-
-
-def _normalised(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 values normalised in float32 exactly as the colour kernels do."""
-    return torch.from_numpy(pixels.numpy() * colour.NORM_SCALE + colour.NORM_SHIFT)
 
 
 _TORCH_TYPES = {types.UINT8: torch.uint8, types.FLOAT: torch.float32}
@@ -664,64 +460,3 @@ def _copy_out(batch, dest: torch.Tensor, stream: int | None = None) -> None:
         batch.copy_to_external(ptr)
     else:
         batch.copy_to_external(ptr, ctypes.c_void_p(stream), non_blocking=True, use_copy_kernel=True)
-
-
-# ---------------------------------------------------------------- the CPU operator
-# DALI's numba_function operator calls C functions of the signatures below
-# (see nvidia/dali/plugin/numba); its Python wrapper compiles new ones for
-# every operator it makes (seconds each), so ours are compiled once, cached
-# on disk, and their addresses handed to the operator.
-def _run(out_ptr, out_shapes_ptr, out_ndims_ptr, num_outs, in_ptr, in_shapes_ptr, in_ndims_ptr, num_ins):
-    """One sample: inputs (image HWC uint8, p float32[13]), output image HWC float32, normalised."""
-    outs = numba.carray(colour.void_ptr(out_ptr), 1, dtype=np.int64)
-    ins = numba.carray(colour.void_ptr(in_ptr), 2, dtype=np.int64)
-    shapes = numba.carray(colour.void_ptr(in_shapes_ptr), 2, dtype=np.int64)  # per input: its shape's address
-    shape = numba.carray(colour.void_ptr(shapes[0]), 3, dtype=np.int64)
-    image = numba.carray(colour.void_ptr(ins[0]), (shape[0], shape[1], shape[2]), dtype=np.uint8)
-    out = numba.carray(colour.void_ptr(outs[0]), (shape[0], shape[1], shape[2]), dtype=np.float32)
-    colour.render(out, image, numba.carray(colour.void_ptr(ins[1]), colour.P_LEN, dtype=np.float32))
-
-
-def _setup(out_shapes_ptr, out_ndims_ptr, num_outs, in_shapes_ptr, in_ndims_ptr, num_ins, num_samples):
-    """Every sample's output shape is its image's."""
-    outs = numba.carray(colour.void_ptr(out_shapes_ptr), num_samples, dtype=np.int64)
-    ins = numba.carray(colour.void_ptr(in_shapes_ptr), num_samples, dtype=np.int64)  # input 0's come first
-    for i in range(num_samples):
-        src = numba.carray(colour.void_ptr(ins[i]), 3, dtype=np.int64)
-        dst = numba.carray(colour.void_ptr(outs[i]), 3, dtype=np.int64)
-        for d in range(3):
-            dst[d] = src[d]
-
-
-_CPU_OPERATOR = []
-
-
-def _cpu_operator():
-    """A new instance of the CPU operator (ops API), or None without DALI's
-    Numba plugin. The C functions are compiled on the first call."""
-    if not _CPU_OPERATOR:
-        try:
-            from nvidia.dali.plugin.numba import NumbaFunction
-        except ImportError:
-            NumbaFunction = None
-        if not (hasattr(NumbaFunction, "_get_run_fn_cpu") and hasattr(NumbaFunction, "_get_setup_fn_cpu")):
-            _CPU_OPERATOR.append(None)  # no plugin, or one whose internals changed: DALI's own operators
-            return None
-        u64, i32 = numba.types.uint64, numba.types.int32
-        run = numba.cfunc(numba.types.void(u64, u64, u64, i32, u64, u64, u64, i32), nopython=True, cache=True)(_run)
-        setup = numba.cfunc(numba.types.void(u64, u64, i32, u64, u64, i32, i32), nopython=True, cache=True)(_setup)
-
-        class Precompiled(NumbaFunction):
-            # DALI compiles run_fn / setup_fn here; ours arrive as addresses
-            def _get_run_fn_cpu(self, run_fn, *args):
-                return run_fn
-
-            def _get_setup_fn_cpu(self, setup_fn):
-                return setup_fn
-
-        _CPU_OPERATOR.append((Precompiled, run.address, setup.address))
-    if _CPU_OPERATOR[0] is None:
-        return None
-    cls, run, setup = _CPU_OPERATOR[0]
-    return cls(run_fn=run, setup_fn=setup, out_types=[types.FLOAT], in_types=[types.UINT8, types.FLOAT],
-               outs_ndim=[3], ins_ndim=[3, 1], batch_processing=False)

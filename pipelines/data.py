@@ -22,7 +22,8 @@ built once from image headers and cached under `cache_root()/index/`;
 reopening an unchanged source costs one stat per file, and a changed one
 re-reads only the files whose size or mtime changed. Files that would stop
 a DALI pipeline (empty, not an image, truncated JPEG, corrupt PNG) are found
-here and left out, with one warning line.
+here and left out, with one warning line (the probing and the cache file:
+pipelines/index.py).
 """
 from __future__ import annotations
 
@@ -38,13 +39,15 @@ import struct
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from .index import (EXIF_ORIENTATION, TRANSPOSED_ORIENTATIONS, join_paths, load_index, probe_all, probe_bytes,
+                    save_index, split_paths)
 
 
 class DataError(ValueError):
@@ -65,20 +68,6 @@ FASHION_MNIST_CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot"]
 SAMPLE_FILE = pathlib.Path(__file__).resolve().parent / "sample" / "fashion_mnist_sample.npz"
 MATERIALISED_JPEG_QUALITY = 95
-
-PHOTO_SOURCES = ("/usr/share/backgrounds/mate/nature", "/usr/share/backgrounds/gnome")
-PHOTO_PACKAGE = "mate-backgrounds"
-
-INDEX_VERSION = 1
-EXIF_ORIENTATION = 0x0112
-_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # 90-degree turns: width and height swap
-_JPEG_EOI = b"\xff\xd9"
-# Inside entropy-coded data 0xFF is always followed by 0x00 or a restart
-# marker, so FF D9 near the end can only be the real end-of-image marker.
-_JPEG_TAIL_BYTES = 1024
-_PROBE_CHUNK = 128
-_PROBE_THREADS = 8  # header reads wait on I/O; more threads than cores pays off
-_UNUSABLE = (-1, -1)
 
 
 @dataclass
@@ -143,7 +132,7 @@ def decodes(source: Source, i: int) -> bool:
         with Image.open(source.paths[i]) as im:
             im.load()
             size = im.size
-            if im.getexif().get(EXIF_ORIENTATION) in _TRANSPOSED_ORIENTATIONS:
+            if im.getexif().get(EXIF_ORIENTATION) in TRANSPOSED_ORIENTATIONS:
                 size = size[::-1]
         return size == (int(source.widths[i]), int(source.heights[i]))
     except Exception:
@@ -230,7 +219,7 @@ def _open_image_folder(name: str, root: str, split: str, cache_dir, progress) ->
     if not paths:
         raise DataError(f"{_shown(name, split_dir, root)}: no images found; expected class subfolders of images "
                         f"or images directly in it ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return _index_source(name, split, _shown(name, split_dir, root), ("dir", split_dir), paths,
+    return index_source(name, split, _shown(name, split_dir, root), ("dir", split_dir), paths,
                          np.asarray(labels, dtype=np.int64), classes, cache_dir, progress)
 
 
@@ -298,7 +287,7 @@ def _open_file_list(name: str, list_path: str, cache_dir, progress) -> Source:
         raise DataError(f"{name}: the file list names no images; expected one 'path [label]' per line")
     labels = np.asarray(labels, dtype=np.int64)
     classes = [str(k) for k in range(int(labels.max()) + 1)] if (labels >= 0).any() else []
-    return _index_source(name, "train", name, ("list", list_path), paths, labels, classes, cache_dir, progress)
+    return index_source(name, "train", name, ("list", list_path), paths, labels, classes, cache_dir, progress)
 
 
 # ---------------------------------------------------------------- Fashion-MNIST
@@ -354,7 +343,7 @@ def _open_materialised(name: str, dest: pathlib.Path, split: str, cache_dir, pro
         found = _walk_images(os.path.join(split_dir, class_name))
         paths += found
         labels += [label] * len(found)
-    return _index_source(name, split, name, ("dir", split_dir), paths, np.asarray(labels, dtype=np.int64),
+    return index_source(name, split, name, ("dir", split_dir), paths, np.asarray(labels, dtype=np.int64),
                          list(FASHION_MNIST_CLASSES), cache_dir, progress)
 
 
@@ -416,7 +405,7 @@ def _materialise(dest: pathlib.Path, tag: str, load_splits: Callable[[], dict], 
 
 # ---------------------------------------------------------------- the index
 
-def _index_source(name: str, split: str, shown: str, identity: tuple, paths: list, labels: np.ndarray,
+def index_source(name: str, split: str, shown: str, identity: tuple, paths: list, labels: np.ndarray,
                   classes: list, cache_dir, progress) -> Source:
     """Sizes of `paths` from the cache or their headers; unusable files dropped with one warning."""
     n_listed = len(paths)
@@ -432,14 +421,14 @@ def _index_source(name: str, split: str, shown: str, identity: tuple, paths: lis
     heights = np.full(n_listed, -1, dtype=np.int32)
 
     cache_file = cache_root(cache_dir) / "index" / (hashlib.sha1(repr(identity).encode()).hexdigest() + ".npz")
-    blob = _join_paths(paths)
-    cached = _load_index(cache_file)
+    blob = join_paths(paths)
+    cached = load_index(cache_file)
     if (cached is not None and cached["paths"].tobytes() == blob
             and np.array_equal(cached["sizes"], sizes) and np.array_equal(cached["mtimes"], mtimes)):
         widths[:], heights[:] = cached["widths"], cached["heights"]
     else:
         # Reuse every entry (usable or not) whose file is unchanged; read the headers of the rest.
-        known = {p: k for k, p in enumerate(_split_paths(cached["paths"]))} if cached is not None else {}
+        known = {p: k for k, p in enumerate(split_paths(cached["paths"]))} if cached is not None else {}
         to_probe, modified = [], 0
         for i, path in enumerate(paths):
             k = known.get(path)
@@ -455,9 +444,9 @@ def _index_source(name: str, split: str, shown: str, identity: tuple, paths: lis
             removed = len(known) - (n_listed - added)
             print(f"index of {shown}: {added:,} files added, {removed:,} removed, {modified:,} modified since it "
                   f"was built; re-reading {len(to_probe):,} headers", file=sys.stderr)
-        for i, (w, h) in zip(to_probe, _probe_all([paths[i] for i in to_probe], sizes[to_probe], progress, shown)):
+        for i, (w, h) in zip(to_probe, probe_all([paths[i] for i in to_probe], sizes[to_probe], progress, shown)):
             widths[i], heights[i] = w, h
-        _save_index(cache_file, blob, sizes, mtimes, widths, heights)
+        save_index(cache_file, blob, sizes, mtimes, widths, heights)
 
     usable = widths >= 0
     skipped = n_listed - int(usable.sum())
@@ -474,194 +463,3 @@ def _index_source(name: str, split: str, shown: str, identity: tuple, paths: lis
     return Source(name=name, split=split, paths=[paths[i] for i in keep], labels=labels[keep].astype(np.int64),
                   widths=widths[keep].astype(np.int32), heights=heights[keep].astype(np.int32),
                   classes=list(classes), skipped=skipped, fingerprint=fingerprint)
-
-
-def _join_paths(paths: list) -> bytes:
-    return "\0".join(paths).encode("utf-8", "surrogateescape")
-
-
-def _split_paths(blob: np.ndarray) -> list:
-    raw = blob.tobytes()
-    return raw.decode("utf-8", "surrogateescape").split("\0") if raw else []
-
-
-def _load_index(cache_file: pathlib.Path) -> Optional[dict]:
-    try:
-        with np.load(cache_file) as z:
-            if int(z["version"]) != INDEX_VERSION:
-                return None
-            return {k: z[k] for k in ("paths", "sizes", "mtimes", "widths", "heights")}
-    except (OSError, KeyError, ValueError, EOFError):
-        return None  # absent, from another version, or damaged: rebuild
-
-
-def _save_index(cache_file: pathlib.Path, blob: bytes, sizes, mtimes, widths, heights) -> None:
-    """Write atomically; a cache that cannot be written only costs time on the next open."""
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=cache_file.stem + ".", suffix=".tmp", dir=cache_file.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, version=np.int64(INDEX_VERSION), paths=np.frombuffer(blob, dtype=np.uint8),
-                                sizes=sizes, mtimes=mtimes, widths=widths, heights=heights)
-        os.replace(tmp, cache_file)
-    except OSError as e:
-        print(f"warning: could not write the image index cache {cache_file}: {e}", file=sys.stderr)
-
-
-def _probe_all(paths: list, sizes: np.ndarray, progress: bool, shown: str) -> list:
-    """`probe_image` over many files on a thread pool, in order, with a progress bar."""
-    if len(paths) <= _PROBE_CHUNK:
-        return [probe_image(p, int(s)) for p, s in zip(paths, sizes)]
-    chunks = [(paths[i:i + _PROBE_CHUNK], sizes[i:i + _PROBE_CHUNK]) for i in range(0, len(paths), _PROBE_CHUNK)]
-    results = []
-    with tqdm(total=len(paths), desc=f"indexing {shown}", unit="img", disable=not progress, leave=False,
-              file=sys.stderr) as bar, ThreadPoolExecutor(_PROBE_THREADS) as pool:
-        for chunk_result in pool.map(lambda c: [probe_image(p, int(s)) for p, s in zip(*c)], chunks):
-            results += chunk_result
-            bar.update(len(chunk_result))
-    return results
-
-
-def probe_image(path: str, size: Optional[int] = None) -> tuple:
-    """(width, height) as decoded after EXIF orientation, or (-1, -1) for a file that would fail.
-
-    JPEGs cost a header read and a look at their last bytes; a full decode
-    happens only when the end-of-image marker is not there (a truncated file,
-    or data after the image such as a motion photo's video). PNGs are
-    checked chunk by chunk (`verify`, no decode); other formats are decoded.
-    """
-    try:
-        if size is None:
-            size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            return _probe(f, size)
-    except Exception:  # PIL raises many kinds (OSError, SyntaxError, ValueError, struct.error...)
-        return _UNUSABLE
-
-
-def probe_bytes(data) -> tuple:
-    """`probe_image` of an encoded file already in memory (bytes or a uint8 array)."""
-    try:
-        return _probe(io.BytesIO(memoryview(data).cast("B")), len(data))
-    except Exception:
-        return _UNUSABLE
-
-
-def _probe(f, size: int) -> tuple:
-    if size == 0:
-        return _UNUSABLE
-    with Image.open(f) as im:
-        fmt = im.format
-        if fmt in ("JPEG", "MPO"):
-            width, height = im.size
-            orientation = im.getexif().get(EXIF_ORIENTATION)
-        elif fmt == "PNG":
-            width, height = im.size
-            im.verify()
-            orientation = _orientation_from_exif_bytes(im.info.get("exif"))
-        else:
-            # Decoding also settles orientation: PIL turns TIFFs itself and drops the tag.
-            im.load()
-            width, height = im.size
-            orientation = im.getexif().get(EXIF_ORIENTATION)
-    if fmt in ("JPEG", "MPO"):
-        f.seek(max(0, size - _JPEG_TAIL_BYTES))
-        if _JPEG_EOI not in f.read():
-            f.seek(0)
-            with Image.open(f) as full:
-                full.load()  # raises "image file is truncated" when data is missing
-    if orientation in _TRANSPOSED_ORIENTATIONS:
-        width, height = height, width
-    return int(width), int(height)
-
-
-def _orientation_from_exif_bytes(raw) -> Optional[int]:
-    if not raw:
-        return None
-    exif = Image.Exif()
-    exif.load(raw)
-    return exif.get(EXIF_ORIENTATION)
-
-
-# ---------------------------------------------------------------- photo folder
-
-_PHOTO_SETTINGS = ".viewforge-photos.json"
-_PORTRAIT_P = 0.25  # ImageNet holds mostly 500x375 landscapes and fewer 375x500 portraits
-_PHOTO_AREA = (0.1, 1.0)  # crop area as a fraction of the largest window of the right shape
-
-
-def make_photo_folder(out_dir, count: int, size=(500, 375), quality: int = 90, seed: int = 0,
-                      sources: Sequence[str] = PHOTO_SOURCES, progress: bool = True,
-                      cache_dir: Optional[str] = None) -> Source:
-    """`count` ImageNet-like JPEGs cut from large wallpaper photos into `out_dir` (flat, unlabelled).
-
-    Image i is a random crop (random photo, orientation, scale, position and
-    mirror, drawn from (seed, i)) resized to `size` or its transpose, so a
-    folder made with a larger count extends a smaller one. Existing files
-    made with the same settings are kept; the returned Source holds exactly
-    photo_000000.jpg ... of the requested count; its index is cached under
-    `cache_root(cache_dir)` like any other source's.
-    """
-    if isinstance(sources, (str, os.PathLike)):
-        sources = (sources,)
-    photos = sorted(
-        os.path.join(d, f) for d in sources if os.path.isdir(d) for f in os.listdir(d)
-        if os.path.splitext(f)[1].lower() in {".jpg", ".jpeg", ".png"})
-    if not photos:
-        raise DataError(f"no source photos in {', '.join(map(str, sources))}: install them with "
-                        f"`apt-get install {PHOTO_PACKAGE}`")
-    if count < 1:
-        raise DataError(f"make_photo_folder: count must be positive, not {count}")
-    out = pathlib.Path(out_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    targets = [out / f"photo_{i:06d}.jpg" for i in range(count)]
-
-    settings = {"size": [int(s) for s in size], "quality": int(quality), "seed": int(seed),
-                "photos": [os.path.basename(p) for p in photos]}
-    try:
-        old_settings = json.loads((out / _PHOTO_SETTINGS).read_text())
-    except (OSError, ValueError):
-        old_settings = None
-    if old_settings != settings:
-        # Files made otherwise would mix into this folder: remove ours before writing the new settings.
-        for stale in out.glob("photo_*.jpg"):
-            stale.unlink()
-        (out / _PHOTO_SETTINGS).write_text(json.dumps(settings))
-    # Files appear by rename only, so an existing one is complete.
-    todo = [i for i in range(count) if not targets[i].exists()]
-
-    by_photo = {}
-    for i in todo:
-        rng = np.random.default_rng([seed, i])
-        photo = int(rng.integers(len(photos)))
-        by_photo.setdefault(photo, []).append((i, rng))
-    with tqdm(total=len(todo), desc=f"cutting photos into {out}", unit="img", disable=not progress or not todo,
-              leave=False, file=sys.stderr) as bar:
-        for photo, jobs in sorted(by_photo.items()):
-            with Image.open(photos[photo]) as im:
-                picture = im.convert("RGB")
-            for i, rng in jobs:
-                _cut_photo(picture, rng, size, quality, targets[i])
-                bar.update()
-
-    labels = np.full(count, -1, dtype=np.int64)
-    return _index_source(str(out_dir), "train", str(out_dir), ("dir", str(out)), [str(t) for t in targets],
-                         labels, [], cache_dir, progress)
-
-
-def _cut_photo(picture: Image.Image, rng: np.random.Generator, size, quality: int, target: pathlib.Path) -> None:
-    out_w, out_h = (size[1], size[0]) if rng.random() < _PORTRAIT_P else (size[0], size[1])
-    pic_w, pic_h = picture.size
-    # Largest window with the output's aspect ratio, then a random fraction of its area.
-    full_scale = min(pic_w / out_w, pic_h / out_h)
-    scale = full_scale * np.sqrt(rng.uniform(*_PHOTO_AREA))
-    crop_w, crop_h = min(pic_w, out_w * scale), min(pic_h, out_h * scale)
-    left = rng.uniform(0, pic_w - crop_w)
-    top = rng.uniform(0, pic_h - crop_h)
-    crop = picture.resize((out_w, out_h), Image.Resampling.BICUBIC,
-                          box=(left, top, left + crop_w, top + crop_h), reducing_gap=3.0)
-    if rng.random() < 0.5:
-        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    tmp = target.with_name(f".{target.name}.tmp")
-    crop.save(tmp, format="JPEG", quality=quality)
-    os.replace(tmp, target)

@@ -12,7 +12,7 @@ import torchvision.transforms.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 
-from .torchvision import decode
+from .render import decode
 from .workers import batches, worker_init_fn
 from .views import MEAN, STD
 

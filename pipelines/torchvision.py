@@ -8,13 +8,12 @@ benchmarked against.
 """
 from __future__ import annotations
 
-import io
 import warnings
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import InterpolationMode
 
@@ -22,22 +21,13 @@ from . import colour, workers
 from .base import PlannedLoader
 from .data import replacement_image
 from .plan import BatchPlan, CropPlan, Planner
+from .render import decode
 from .views import MOSAIC_FILL
 
 try:  # optional faster decode and resize (conda only)
     import accimage
 except ImportError:
     accimage = None
-
-
-def decode(data: np.ndarray, path: str = None) -> Image.Image:
-    """Encoded bytes -> RGB PIL image, EXIF orientation applied (as DALI does,
-    and as the index's sizes assume); 16-bit images scaled to 8 bits."""
-    img = Image.open(io.BytesIO(data.tobytes()))
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        img = Image.fromarray((np.asarray(img, dtype=np.uint32) >> 8).astype(np.uint8), "L")
-    return img.convert("RGB")
 
 
 def render_view(img, plan: CropPlan, v: int, b: int) -> np.ndarray:

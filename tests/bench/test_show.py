@@ -15,7 +15,7 @@ from bench import show
 import train
 from model.methods import METHODS
 from pipelines.data import open_source
-from pipelines.torchvision import decode
+from pipelines.render import decode
 
 from tests.conftest import make_image_folder
 

@@ -32,7 +32,8 @@ import numpy as np
 from PIL import Image
 
 from pipelines import PIPELINES, build
-from pipelines.data import Source, probe_bytes, probe_image, read_checked
+from pipelines.data import Source, read_checked
+from pipelines.index import probe_bytes, probe_image
 from pipelines.torchvision import _open
 from pipelines.views import AugSpec, CropSpec, ViewSpec
 

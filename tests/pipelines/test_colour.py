@@ -31,7 +31,8 @@ from PIL import Image
 from pipelines import colour
 from pipelines.data import open_source
 from pipelines.plan import CropPlan, Planner
-from pipelines.torchvision import decode, paste_mosaics, render_family, render_plan, render_view
+from pipelines.render import decode
+from pipelines.torchvision import paste_mosaics, render_family, render_plan, render_view
 from pipelines.views import MOCOV2_AUG, AugSpec, CropSpec, MosaicSpec, OriginalSpec, ViewSpec
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -277,7 +278,7 @@ def test_every_view_family_through_the_kernels(family, tmp_path):
     """What follows the GPU graph (colour.render_group), fed the
     reference's resized tiles, renders the reference's views: crops, the
     original, and mosaic canvases pasted from coloured tiles."""
-    from pipelines.base import view_families as _groups
+    from pipelines.render import view_families as _groups
 
     spec = {"crops": ViewSpec(crops=(CropSpec("global", 2, 10, augs=(BUSY,)),)),
             "original": ViewSpec(crops=(CropSpec("global", 1, 8, augs=(BUSY,)),), original=OriginalSpec(9, BUSY)),
@@ -313,7 +314,7 @@ def test_every_view_family_through_the_kernels(family, tmp_path):
 
 @kernels
 def test_bfloat16_views_are_the_float32_views_rounded(tmp_path):
-    from pipelines.base import view_families as _groups
+    from pipelines.render import view_families as _groups
 
     spec = ViewSpec(crops=(CropSpec("global", 1, 8, augs=(BUSY,)),))
     _, plan, images = family_data(tmp_path, spec, batch=2)
@@ -338,7 +339,7 @@ def test_mismatched_buffers_are_refused():
 def test_the_mosaic_fill_is_made_once_per_device_and_dtype(tmp_path, monkeypatch):
     """Every step pastes with the same fill tensor on the device: no host
     tensor and no pageable copy per step."""
-    from pipelines.base import view_families
+    from pipelines.render import view_families
 
     spec = ViewSpec(crops=(CropSpec("global", 1, 8, augs=(BUSY,)),), mosaic=MosaicSpec(crop_size=6, jitter=2, aug=BUSY))
     _, plan, images = family_data(tmp_path, spec)

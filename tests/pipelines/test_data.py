@@ -1,4 +1,4 @@
-"""Tests of pipelines/data.py: sources, the cached index, corrupt files, the embedded sample.
+"""Tests of pipelines/data.py and pipelines/index.py: sources, the cached index, corrupt files, the embedded sample.
 
 Every test builds its images in tmp_path and points the cache there
 (cache_dir=...), so the user's ~/.cache is never touched.
@@ -14,6 +14,7 @@ import pytest
 from PIL import Image, ImageOps, features
 
 from pipelines import data as D
+from pipelines import index
 from pipelines.data import DataError, Source, open_source
 
 
@@ -31,7 +32,7 @@ def write_image(path, width=40, height=30, mode="RGB", orientation=None, fmt=Non
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if orientation is not None:
         exif = Image.Exif()
-        exif[D.EXIF_ORIENTATION] = orientation
+        exif[index.EXIF_ORIENTATION] = orientation
         save_args["exif"] = exif.tobytes()
     noise_image(width, height, mode, seed).save(path, format=fmt, **save_args)
     return path
@@ -83,7 +84,7 @@ def test_probe_size_matches_exif_aware_decode(tmp_path, ext, fmt, orientation):
     if fmt == "WEBP" and not features.check("webp"):
         pytest.skip("Pillow built without WebP")
     path = write_image(tmp_path / f"x.{ext}", 50, 20, orientation=orientation, fmt=fmt)
-    assert D.probe_image(path) == decoded_size(path)
+    assert index.probe_image(path) == decoded_size(path)
 
 
 def test_unlabelled_flat_folder(tmp_path):
@@ -171,12 +172,12 @@ def test_only_corrupt_files_is_an_error(tmp_path):
 
 def test_large_folder_uses_the_thread_pool_in_order(tmp_path):
     root = tmp_path / "many"
-    for i in range(3 * D._PROBE_CHUNK + 5):
+    for i in range(3 * index._PROBE_CHUNK + 5):
         write_image(root / f"{i:04d}.png", 8 + i % 7, 5, fmt="PNG")
     (root / "0100.png").write_bytes(b"")
     src = open_quiet(root, tmp_path=tmp_path)
-    assert len(src) == 3 * D._PROBE_CHUNK + 4 and src.skipped == 1
-    expected = [8 + i % 7 for i in range(3 * D._PROBE_CHUNK + 5) if i != 100]
+    assert len(src) == 3 * index._PROBE_CHUNK + 4 and src.skipped == 1
+    expected = [8 + i % 7 for i in range(3 * index._PROBE_CHUNK + 5) if i != 100]
     assert src.widths.tolist() == expected
 
 
@@ -233,13 +234,13 @@ def test_file_list_rejects_bad_labels_and_empty_lists(tmp_path):
 @pytest.fixture
 def probe_counter(monkeypatch):
     calls = []
-    real_probe = D.probe_image
+    real_probe = index.probe_image
 
     def counting_probe(path, size=None):
         calls.append(path)
         return real_probe(path, size)
 
-    monkeypatch.setattr(D, "probe_image", counting_probe)
+    monkeypatch.setattr(index, "probe_image", counting_probe)
     return calls
 
 
@@ -415,43 +416,3 @@ def test_sample_file_matches_its_readme():
         assert z["classes"].tolist() == D.FASHION_MNIST_CLASSES
     assert D.SAMPLE_FILE.stat().st_size < 5_000_000
     assert "MIT" in (D.SAMPLE_FILE.parent / "README.md").read_text()
-
-
-# ---------------------------------------------------------------- photo folder
-
-@pytest.fixture
-def wallpaper_dir(tmp_path):
-    """One large smooth 'photo' standing in for /usr/share/backgrounds."""
-    y, x = np.mgrid[0:900, 0:1200]
-    pixels = np.stack([x % 256, y % 256, (x + y) % 256], axis=-1).astype(np.uint8)
-    folder = tmp_path / "wallpapers"
-    folder.mkdir()
-    Image.fromarray(pixels).save(folder / "big.jpg", quality=90)
-    return folder
-
-
-def test_make_photo_folder(tmp_path, wallpaper_dir):
-    out = tmp_path / "photos"
-    src = D.make_photo_folder(out, 6, seed=3, sources=(str(wallpaper_dir),), progress=False,
-                              cache_dir=str(tmp_path / "cache"))
-    assert len(src) == 6 and src.classes == [] and not src.has_labels
-    assert [os.path.basename(p) for p in src.paths] == [f"photo_{i:06d}.jpg" for i in range(6)]
-    assert set(zip(src.widths.tolist(), src.heights.tolist())) <= {(500, 375), (375, 500)}
-    assert all(decoded_size(p) == (w, h) for p, w, h in zip(src.paths, src.widths, src.heights))
-
-    # Complete output is kept as it is; a larger count extends it with the same first images.
-    before = {p: os.stat(p).st_mtime_ns for p in src.paths}
-    again = D.make_photo_folder(out, 8, seed=3, sources=(str(wallpaper_dir),), progress=False,
-                                cache_dir=str(tmp_path / "cache"))
-    assert len(again) == 8 and all(os.stat(p).st_mtime_ns == t for p, t in before.items())
-
-    # Deterministic from the seed.
-    twin = D.make_photo_folder(tmp_path / "twin", 6, seed=3, sources=(str(wallpaper_dir),), progress=False,
-                               cache_dir=str(tmp_path / "cache"))
-    assert [open(p, "rb").read() for p in twin.paths] == [open(p, "rb").read() for p in src.paths]
-
-
-def test_make_photo_folder_needs_photos(tmp_path):
-    with pytest.raises(DataError, match="apt-get install mate-backgrounds"):
-        D.make_photo_folder(tmp_path / "out", 3, sources=(str(tmp_path / "none"),), progress=False,
-                            cache_dir=str(tmp_path / "cache"))

@@ -16,8 +16,9 @@ from ffcv.reader import Reader  # noqa: E402
 
 from pipelines import build  # noqa: E402
 from pipelines.data import open_source  # noqa: E402
-from pipelines.ffcv import ensure_beton, resized_crop, write_beton  # noqa: E402
-from pipelines.torchvision import decode  # noqa: E402
+from pipelines.ffcv import ensure_beton, write_beton  # noqa: E402
+from pipelines.ffcv_stage import resized_crop  # noqa: E402
+from pipelines.render import decode  # noqa: E402
 from pipelines.views import NO_AUG, OriginalSpec, ViewSpec  # noqa: E402
 from tests.conftest import make_image_folder  # noqa: E402
 

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from torchvision.transforms import RandomResizedCrop
 
 from pipelines import plan as P
+from pipelines import plan_mosaic, plan_pairs
 from pipelines.plan import BatchPlan, CropPlan, MosaicPlan, PairPlan, Planner, step_key
 from pipelines.views import NO_AUG, AugSpec, CropSpec, MosaicSpec, OriginalSpec, PairSpec, ViewSpec
 
@@ -60,14 +61,14 @@ class Rng:
         u = float(self._next() >> 11) * (1.0 / 9007199254740992.0)
         return lo + (hi - lo) * u
 
-    def randint(self, n: int) -> int:  # _sint / _randint
+    def randint(self, n: int) -> int:  # draws.draw_index
         r = int(self.uniform() * n)
         return r if r < n else n - 1
 
-    def below(self, n: int) -> int:  # _sbelow
+    def below(self, n: int) -> int:  # draws.draw_index_multiply_shift
         return ((self._next() >> 32) * n) >> 32
 
-    def beta_half(self) -> float:  # _sbeta / _beta_half
+    def beta_half(self) -> float:  # draws.draw_arcsine
         s = math.sin(0.5 * math.pi * self.uniform())
         return s * s
 
@@ -403,7 +404,7 @@ def test_planner_errors():
         Planner(spec, w, h, 8)
     Planner(spec, w, h, 9).plan(0, 0)  # B == M is enough
     with pytest.raises(ValueError):
-        P._mosaic_draws(np.uint64(1), 3, 4, 5, 7)
+        plan_mosaic.mosaic_draws(np.uint64(1), 3, 4, 5, 7)
     with pytest.raises(ValueError):
         Planner(spec, w, h, 41)
     with pytest.raises(ValueError):
@@ -561,7 +562,7 @@ def test_crop_boxes_normalised():
 def test_mosaic_draws_match_reference(grid, extra, crop, jitter, key):
     m = grid * grid
     batch = m + extra
-    got = P._mosaic_draws(np.uint64(key), batch, m, jitter, crop - 1)
+    got = plan_mosaic.mosaic_draws(np.uint64(key), batch, m, jitter, crop - 1)
     for x, y in zip(got, ref_mosaic_draws(key, batch, m, jitter, crop - 1), strict=True):
         assert x.dtype == y.dtype and np.array_equal(x, y)
 
@@ -575,7 +576,7 @@ def test_mosaic_geometry_matches_reference(data, grid, batch, crop):
                         np.int32).reshape(batch, m)
     d = st.integers(-3 * crop * grid, 3 * crop * grid)
     shift = np.array(data.draw(st.lists(st.tuples(d, d), min_size=batch, max_size=batch)), np.int32).reshape(batch, 2)
-    got = P._mosaic_geometry(tile_src, shift, grid, crop)
+    got = plan_mosaic.mosaic_geometry(tile_src, shift, grid, crop)
     for x, y in zip(got, ref_mosaic_geometry(tile_src, shift, grid, crop), strict=True):
         assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y)
 
@@ -644,7 +645,7 @@ def test_mosaic_jitter_law_and_mixing():
     neighbours are mixed, unlike the official fixed roll."""
     spec = MosaicSpec(crops_per_image=4, crop_size=112, jitter=48)
     n = 20000
-    _, _, shift = P._mosaic_draws(np.uint64(step_key(0, 0, 0, 0, 4)), n, 4, 48, 111)
+    _, _, shift = plan_mosaic.mosaic_draws(np.uint64(step_key(0, 0, 0, 0, 4)), n, 4, 48, 111)
     rng = np.random.default_rng(0)
     official = ((rng.beta(0.5, 0.5, (n, 2)) * 2 - 1) * 48).astype(np.int64)
     for c in range(2):
@@ -704,12 +705,12 @@ def test_pairs_match_reference(data, batch, size, k, min_size, max_iou, tries, k
     window = random_windows(data, batch, size)
     flip = np.array(data.draw(st.lists(st.booleans(), min_size=2 * batch, max_size=2 * batch))).reshape(2, batch)
     positions = np.arange(first, first + batch, dtype=np.int64)
-    frame, count = P._pair_draws(np.uint64(key), window, size, k, min_size, max_iou, tries, round_frame, keep_last,
+    frame, count = plan_pairs.pair_draws(np.uint64(key), window, size, k, min_size, max_iou, tries, round_frame, keep_last,
                                  positions)
     ref_frame, ref_count = ref_pair_draws(key, window, size, k, min_size, max_iou, tries, positions, round_frame,
                                           keep_last)
     assert np.array_equal(count, ref_count) and np.array_equal(frame, ref_frame)
-    boxes = P._pair_boxes(window, flip, size, frame, count, round_frame)
+    boxes = plan_pairs.pair_boxes(window, flip, size, frame, count, round_frame)
     ref = ref_pair_boxes(window, flip, size, frame, count, round_frame)
     assert boxes.dtype == np.float32 and boxes.shape == ref.shape == (2, count.sum(), 5)
     assert np.array_equal(boxes, ref)
@@ -806,15 +807,15 @@ def test_pairs_skip_disjoint_and_thin_overlaps():
     # image 1's overlap by 50 px of 100 (32 px in the frame at S = 64)
     window = np.array([[[0, 0, 50, 50], [0, 0, 100, 100]], [[60, 60, 40, 40], [0, 50, 100, 100]]], np.int32)
     for round_frame in (False, True):
-        frame, count = P._pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10, round_frame, False, np.arange(2))
+        frame, count = plan_pairs.pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10, round_frame, False, np.arange(2))
         assert count.tolist() == [0, 5]
     # ours (floor): 13 px of overlap: floor(13 * 64 / 100) = 8 = min_size, just enough
     window[1, 1] = (0, 87, 100, 100)
-    frame, count = P._pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10, False, False, np.arange(2))
+    frame, count = plan_pairs.pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10, False, False, np.arange(2))
     assert count.tolist() == [0, 5] and (frame[1, :, 2] - frame[1, :, 0] == 8).all()
     # 12 px: 7.68 px in the frame, under 8
     window[1, 1] = (0, 88, 100, 100)
-    frame, count = P._pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10, False, False, np.arange(2))
+    frame, count = plan_pairs.pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10, False, False, np.arange(2))
     assert count.tolist() == [0, 0]
 
 
@@ -822,21 +823,21 @@ def test_pairs_official_frame_rounds_and_must_exceed_min_size():
     """kakaobrain/scrl box_generator.py: int_w_scaled = round(int_w * scale_wmin),
     skipped when min_size >= int_w_scaled."""
     window = np.array([[[0, 0, 100, 100]], [[0, 88, 100, 100]]], np.int32)  # 12 px of 100 overlap
-    frame, count = P._pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10, True, False, np.arange(2))
+    frame, count = plan_pairs.pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10, True, False, np.arange(2))
     assert count.tolist() == [0]                       # round(7.68) = 8, not above 8
     window[1, 0] = (0, 86, 100, 100)                   # 14 px: 8.96 -> 9 (floor: 8)
-    frame, count = P._pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10, True, False, np.arange(2))
+    frame, count = plan_pairs.pair_draws(np.uint64(1), window, 64, 5, 8, 1.0, 10, True, False, np.arange(2))
     assert count.tolist() == [5] and (frame[0, :, 2] <= 9).all() and (frame[0, :, 2] == 9).any()
     window[1, 0] = (0, 81, 100, 100)                   # 19 px: 12.16 -> 12 (and 12.5 -> 12, half to even)
-    assert P._pair_frame(window, 0, 64, True)[4] == 12
+    assert plan_pairs.pair_frame(window, 0, 64, True)[4] == 12
     window = np.array([[[0, 0, 128, 128]], [[0, 103, 128, 128]]], np.int32)  # 25 px at 64/128: 12.5
-    assert P._pair_frame(window, 0, 64, True)[4] == 12 and P._pair_frame(window, 0, 64, False)[4] == 12
+    assert plan_pairs.pair_frame(window, 0, 64, True)[4] == 12 and plan_pairs.pair_frame(window, 0, 64, False)[4] == 12
     window[1, 0] = (0, 101, 128, 128)                  # 27 px: 13.5 -> 14
-    assert P._pair_frame(window, 0, 64, True)[4] == 14 and P._pair_frame(window, 0, 64, False)[4] == 13
+    assert plan_pairs.pair_frame(window, 0, 64, True)[4] == 14 and plan_pairs.pair_frame(window, 0, 64, False)[4] == 13
     # a box on the rounded frame's far edge reaches past the 100 px window by 0.04 frame px: clipped to the view
     window = np.array([[[0, 0, 100, 100]], [[0, 86, 100, 100]]], np.int32)
     frame = np.array([[[1, 0, 9, 64]]], np.int64)
-    boxes = P._pair_boxes(window, np.zeros((2, 1), bool), 64, frame, np.array([1], np.int32), True)
+    boxes = plan_pairs.pair_boxes(window, np.zeros((2, 1), bool), 64, frame, np.array([1], np.int32), True)
     assert boxes[0, 0, 3] == 64 and boxes[1, 0, 3] == np.float32(9.0)
 
 
@@ -844,8 +845,8 @@ def test_pairs_keep_last_draw_after_failed_tries():
     """max_iou 0 on a frame with room for one box: every later box fails all
     its tries; the official rule keeps each last draw, ours drops it."""
     window = np.array([[[0, 0, 100, 100]], [[0, 0, 100, 100]]], np.int32)  # the same window: frame 16 x 16
-    ours, n_ours = P._pair_draws(np.uint64(3), window, 16, 4, 12, 0.0, 5, False, False, np.arange(window.shape[1]))
-    kept, n_kept = P._pair_draws(np.uint64(3), window, 16, 4, 12, 0.0, 5, False, True, np.arange(window.shape[1]))
+    ours, n_ours = plan_pairs.pair_draws(np.uint64(3), window, 16, 4, 12, 0.0, 5, False, False, np.arange(window.shape[1]))
+    kept, n_kept = plan_pairs.pair_draws(np.uint64(3), window, 16, 4, 12, 0.0, 5, False, True, np.arange(window.shape[1]))
     assert n_ours.tolist() == [1] and n_kept.tolist() == [4]
     assert np.array_equal(kept[0, 0], ours[0, 0])  # the first box is the same draw
     ref = ref_pair_sample(Rng(3, 0, 0), 16, 16, 4, 12, 0.0, 5, keep_last=True)

@@ -29,8 +29,7 @@ from PIL import Image
 
 from pipelines import PIPELINES, build, loader_class
 from pipelines.data import open_source
-from pipelines.torchvision import MOSAIC_FILL
-from pipelines.views import (BYOL_AUG_2, MEAN, MOCOV2_AUG, NO_AUG, STD, AugSpec, CropSpec, MosaicSpec,
+from pipelines.views import (BYOL_AUG_2, MEAN, MOCOV2_AUG, MOSAIC_FILL, NO_AUG, STD, AugSpec, CropSpec, MosaicSpec,
                              OriginalSpec, ViewSpec)
 
 # every registered pipeline but the one that makes random pixels

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import pipelines
-from pipelines.data import REPLACEMENT_RGB, open_source, probe_bytes, read_checked, replacement_image
+from pipelines.data import REPLACEMENT_RGB, open_source, read_checked, replacement_image
+from pipelines.index import probe_bytes
 from pipelines.views import AugSpec, CropSpec, ViewSpec
 from tests.conftest import make_image_folder
 
@@ -62,7 +63,7 @@ def test_the_check_refuses_what_the_index_would_and_passes_good_files(spoiled):
 def test_a_replacement_is_flat_mean_colour_at_the_indexed_size():
     img = replacement_image(37, 21)
     assert probe_bytes(img) == (37, 21)
-    from pipelines.torchvision import decode
+    from pipelines.render import decode
     pixels = np.asarray(decode(img))
     assert pixels.shape == (21, 37, 3) and np.abs(pixels.astype(int) - REPLACEMENT_RGB).max() <= 1
 
