@@ -31,9 +31,9 @@ direction, added. MosRep's repository has no code for this baseline (its
 MoCo class takes two views); the yaml says which of MosRep's own settings
 stand in. The negatives stay MoCo v2's, the queue alone (builder.py MoCo);
 MosRep's own loss also counts the other keys of the batch (builder.py
-MosRep.forward). local_size is in pixels at a global size of 224 and scales with
-image_size (96 -> 14 px, 112 -> 16 px at 32). Everything else is MoCo v2
-(mocov2.py).
+MosRep.forward). local_size is in pixels at a global size of 224 and scales
+with image_size (96 -> 14 px, 112 -> 16 px at 32). Everything else is MoCo
+v2 (mocov2.py).
 
 cfg keys: arch, small_stem, image_size, crop_min_scale, local_crops,
 local_size, local_scale, symmetric, local_reduction, temperature,
