@@ -149,6 +149,7 @@ RULES = [
     count("local_hidden", 1),
     count("roi_size", 1),
     one_of("base", ["mocov2", "byol"]),
+    one_of("local_reduction", ["pairs", "added"]),
     # ---- the losses
     number("temperature", 0, low_open=True),
     count("queue_size", 0),

@@ -169,44 +169,106 @@ def receptive_field(net: nn.Module) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- CO-SSL's RF-ResNet
+def pointwise_like(conv: nn.Conv2d) -> nn.Conv2d:
+    """A 1x1 convolution with conv's channels and stride, initialised as torchvision initialises convolutions."""
+    point = nn.Conv2d(conv.in_channels, conv.out_channels, 1, stride=conv.stride, bias=False)
+    nn.init.kaiming_normal_(point.weight, mode="fan_out", nonlinearity="relu")
+    return point
+
+
 class RFResNetBackbone(ResNetBackbone):
     """Receptive-field ResNet (RF-ResNet; Aubret, Teulière, Triesch 2025,
     "Seeing the Whole in the Parts in Self-Supervised Representation
-    Learning", arXiv:2501.02860, Fig. 2): a torchvision ResNet whose field is
-    set by the max-pool's presence and the strides s', s'', s''' of the first
-    blocks of layer2, layer3 and layer4, so that every feature-map position
-    sees a bounded square of the input and the local vectors CO-SSL aligns
-    with the global embedding are truly local. An MLP after the average
-    pooling (Sec. 3.2; ablated in Table 6) lets the global representation
-    combine them; `pool_mlp` is one Linear-BN-ReLU of width C, our choice
-    (its depth is not known to us).
+    Learning", arXiv:2501.02860, Fig. 2): a torchvision ResNet in which every
+    feature-map position sees a bounded square of the input, so that the
+    local vectors CO-SSL aligns with the global embedding are truly local.
+    An MLP after the average pooling (Sec. 3.2; ablated in Table 6) lets the
+    global representation combine them; `pool_mlp` is one Linear-BN-ReLU of
+    width C, our choice (its depth is not known to us).
+
+    What Fig. 2's caption states (the drawing itself, the full text and the
+    authors' code were not available to us): blocks, n per layer as in a
+    standard ResNet; m, the max-pool's absence or presence; s', s", s"', the
+    strides of the first blocks of layer2..layer4; "two different types of
+    blocks"; field sizes "independent from the number of blocks n > 2 in
+    each layer".
+
+    Our reading (inferred): a 3x3 convolution at jump j (input pixels per
+    cell) widens the field by 2j, so a field independent of n needs the later
+    blocks without a spatial kernel. Each layer keeps its first
+    `spatial_convs` = 2 convolutions of 3x3 and every later one becomes a 1x1
+    with the same channels, as in BagNets (Brendel & Bethge 2019), which
+    Fig. 3 calls RF-ResNet's close relative. For ResNet-50's Bottlenecks
+    that is blocks 1 and 2 of every layer (blocks 3 onwards: 1x1 only); for
+    ResNet-18's BasicBlocks, both convolutions of block 1. We count 3x3
+    convolutions rather than blocks because of ResNet-18's 29 px (below);
+    both networks then have the same field for every layout.
+
+    The field, walking `receptive_field` (rf += (k - 1) * jump, then
+    jump *= stride), for the two layouts that give ResNet-50 (v1.5) exactly
+    the paper's 99 px:
+
+        convolutions                   no max-pool; 2, 2, 2   max-pool; 1, 2, 1
+        stem 7x7, stride 2             7, jump 2              7, jump 2
+        max-pool 3x3, stride 2         -                      11, jump 4
+        layer1: 3x3, 3x3               11, 15                 19, 27
+        layer2: 3x3 (stride s'), 3x3   19, 27; jump 4         35, 43
+        layer3: 3x3 (stride s"), 3x3   35, 51; jump 8         51, 67; jump 8
+        layer4: 3x3 (stride s"'), 3x3  67, 99; jump 16        83, 99
+        field; output stride           99 px; 16              99 px; 8
+
+    Both have the same parameters: 23.2M for ResNet-50 with the pool MLP
+    (19.0M without), the reading nearest the 23.7M a review of the paper
+    quotes (ResNet-50: 23.5M; keeping every 3x3 would give 27.7M, one 3x3 per
+    layer 20.4M); the 0.5M left over we cannot place. The paper's statements
+    (fields, parameter count) do not separate the two layouts, so
+    PAPER_LAYOUT takes no max-pool and strides 2, 2, 2: its one departure
+    from torchvision's strides is the missing max-pool, and it is the cheaper
+    (output stride 16: 14 x 14 local vectors on 224 px views; the README's
+    method table states the cost).
+
+    ResNet-18: the same review quotes "99 and 29" for the fields of the
+    paper's ResNet-50 and ResNet-18. With the ImageNet stem every field is
+    3 mod 4 (7 px at jump 2, and each later 3x3 or pool adds 2 x jump, a
+    multiple of 4), so 29 px is out of reach of any layout and any choice of
+    1x1 blocks; it needs the small images' stride-1 3x3 stem. There a
+    ResNet-18 that keeps all 16 of its 3x3s sees at least 35 px, while
+    keeping two per layer gives exactly 29 px with no max-pool and strides
+    1, 2, 2 (or 2, 1, 1). We conclude that the paper's ResNet-18 ran on small
+    images (29 / 64 is about 99 / 224: a Tiny-ImageNet-sized view) with the
+    same two 3x3s per layer; we could not confirm its image size. On 224 px
+    views our RF-ResNet-18 sees 99 px, as RF-ResNet-50 does.
 
     The stride sits where torchvision puts it: on the 3x3 convolution of a
     Bottleneck (ResNet v1.5; v1 put it on the first 1x1) and on conv1 of a
-    BasicBlock; the shortcut's 1x1 convolution takes the same stride. A
-    stride changes no weight, so the state_dict keeps torchvision's names and
-    shapes (plus pool_mlp).
+    BasicBlock; the shortcut's 1x1 convolution takes the same stride. The
+    strided convolution is always one that keeps its 3x3. The state_dict
+    keeps torchvision's names (plus pool_mlp); the 1x1 convolutions' weights
+    are [C_out, C_in, 1, 1].
 
     max_rf is not part of Fig. 2; we use it only for small images: every 3x3
-    convolution that would lift the field above max_rf becomes a 1x1
-    convolution with the same channels and stride. A full-depth ResNet of 3x3
-    convolutions sees at least 35 px even with a 3x3 stride-1 stem and no
-    down-sampling, so strides alone cannot give 32 px views a field in
-    proportion to the paper's 99 px on 224 px (see `rf_resnet`).
+    convolution that would lift the field above max_rf also becomes a 1x1.
+    On a 32 px view no layout of whole 3x3s comes near the paper's ratio
+    (ResNet-18 with the small stem: 19 px at least), so the bound does it
+    (see `rf_resnet`).
 
-    receptive_field and stride (input pixels per feature-map cell) come from
-    `receptive_field(self)`.
+    spatial_convs=None keeps every 3x3 (a torchvision ResNet with Fig. 2's
+    strides, for comparison). receptive_field and stride (input pixels per
+    feature-map cell) come from `receptive_field(self)`.
     """
 
-    def __init__(self, arch: str, maxpool: bool = False, strides: tuple[int, int, int] = (1, 2, 1),
+    def __init__(self, arch: str, maxpool: bool = False, strides: tuple[int, int, int] = (2, 2, 2),
                  small_stem: bool = False, max_rf: int | None = None, pool_mlp: bool = True,
-                 zero_init_residual: bool = False, width: int = 64):
+                 zero_init_residual: bool = False, width: int = 64, spatial_convs: int | None = 2):
         super().__init__(arch, small_stem=small_stem, zero_init_residual=zero_init_residual, width=width)
         strides = tuple(int(s) for s in strides)
         if len(strides) != 3 or min(strides) < 1:
             raise ValueError(f"strides are s', s'', s''' of layer2..layer4, each >= 1; got {strides}")
+        if spatial_convs is not None and spatial_convs < 1:
+            raise ValueError(f"spatial_convs: the 3x3 convolutions each layer keeps, >= 1 (the strided one "
+                             f"among them); got {spatial_convs}")
         self.layout = dict(maxpool=bool(maxpool), strides=strides, small_stem=small_stem, max_rf=max_rf,
-                           pool_mlp=pool_mlp, width=width)
+                           pool_mlp=pool_mlp, width=width, spatial_convs=spatial_convs)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if maxpool else nn.Identity()
         for layer, s in zip((self.layer2, self.layer3, self.layer4), strides):
             block = layer[0]
@@ -215,6 +277,8 @@ class RFResNetBackbone(ResNetBackbone):
             if block.downsample is not None:
                 block.downsample[0].stride = (s, s)
             block.stride = s
+        if spatial_convs is not None:
+            self._keep_first_spatial(spatial_convs)
         if max_rf is not None:
             self._cap(max_rf)
         self.receptive_field, self.stride = receptive_field(self)
@@ -222,15 +286,21 @@ class RFResNetBackbone(ResNetBackbone):
         self.pool_mlp = (nn.Sequential(nn.Linear(c, c, bias=False), nn.BatchNorm1d(c), nn.ReLU(inplace=True))
                          if pool_mlp else nn.Identity())
 
+    def _keep_first_spatial(self, count: int) -> None:
+        """In every layer, each 3x3 convolution after the first `count` becomes 1x1 (Fig. 2's second block type)."""
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            spatial = [(block, name) for block in layer for name in ("conv1", "conv2", "conv3")
+                       if hasattr(block, name) and _kernel_stride(getattr(block, name))[0] > 1]
+            for block, name in spatial[count:]:
+                setattr(block, name, pointwise_like(getattr(block, name)))
+
     def _cap(self, max_rf: int) -> None:
         """Walk the main path; a 3x3 convolution that would pass max_rf becomes 1x1."""
         rf, jump = 1, 1
         for owner, name, m in list(main_path(self)):
             k, s = _kernel_stride(m)
             if owner is not self and k > 1 and rf + (k - 1) * jump > max_rf:
-                point = nn.Conv2d(m.in_channels, m.out_channels, 1, stride=m.stride, bias=False)
-                nn.init.kaiming_normal_(point.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
-                setattr(owner, name, point)
+                setattr(owner, name, pointwise_like(m))
                 k = 1
             rf, jump = rf + (k - 1) * jump, jump * s
         if rf > max_rf:
@@ -238,15 +308,18 @@ class RFResNetBackbone(ResNetBackbone):
 
     @property
     def load_hint(self) -> str:
-        """How to load what export_torchvision writes. A torchvision ResNet
-        would accept these weights and compute something else."""
+        """How to load what export_torchvision writes: a torchvision ResNet
+        refuses the 1x1 weights (or, with every 3x3 kept, accepts them and
+        computes something else)."""
         lay = self.layout
+        kept = ("every 3x3 kept" if lay["spatial_convs"] is None
+                else f"{lay['spatial_convs']} 3x3 convolutions per layer")
         capped = f", 3x3 convolutions past {lay['max_rf']} px made 1x1" if lay["max_rf"] else ""
         return (f"not a torchvision architecture (RF-ResNet, receptive field {self.receptive_field} px: max-pool "
-                f"{'kept' if lay['maxpool'] else 'removed'}, first-block strides {lay['strides']}{capped}); load with "
-                f"model.backbones.RFResNetBackbone({self.arch!r}, maxpool={lay['maxpool']}, strides={lay['strides']}, "
-                f"small_stem={lay['small_stem']}, max_rf={lay['max_rf']}, pool_mlp={lay['pool_mlp']}, "
-                f"width={lay['width']})"
+                f"{'kept' if lay['maxpool'] else 'removed'}, first-block strides {lay['strides']}, {kept}{capped}); "
+                f"load with model.backbones.RFResNetBackbone({self.arch!r}, maxpool={lay['maxpool']}, "
+                f"strides={lay['strides']}, small_stem={lay['small_stem']}, max_rf={lay['max_rf']}, "
+                f"pool_mlp={lay['pool_mlp']}, width={lay['width']}, spatial_convs={lay['spatial_convs']})"
                 f".load_state_dict(sd)")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,29 +327,22 @@ class RFResNetBackbone(ResNetBackbone):
         return fmap, self.pool_mlp(pooled)  # B x C after the MLP
 
 
-# Fig. 2's parameters for 224 px views. The paper states 99 px for RF-ResNet-50;
-# no (max-pool, s', s'', s''') reaches exactly 99 on a full-depth ResNet-50
-# (enumerated in tests/model/test_backbones.py: with torchvision's stride
-# placement the nearest are 103 and 79, with v1's 107 and 83). This layout, no
-# max-pool and strides 1, 2, 1, gives ResNet-50 103 px (v1.5) and ResNet-18
-# exactly 99 px; output stride 4 (56 x 56 local vectors on 224 px views), which
-# costs 88 GMACs per view (ResNet-50: 4.1) and which every layout near 99 px
-# shares. A review of the paper quotes 23.7M parameters for its RF-ResNet-50
-# (ResNet-50 23.5M); ours has 27.7M (the pool MLP's 4.2M), so the paper's
-# layout or MLP differs in a way its text available to us does not show.
-PAPER_LAYOUT = dict(maxpool=False, strides=(1, 2, 1))
+# Fig. 2's parameters for 224 px views, as RFResNetBackbone's docstring derives them: no max-pool,
+# first-block strides 2, 2, 2, two 3x3 convolutions per layer. ResNet-50 and ResNet-18 alike: a 99 px
+# field and output stride 16 (14 x 14 local vectors on 224 px views).
+PAPER_LAYOUT = dict(maxpool=False, strides=(2, 2, 2), spatial_convs=2)
 PAPER_RF, PAPER_VIEW = 99, 224
 
 
 def rf_resnet(arch: str, small_stem: bool = False, view_size: int = 32, **kw) -> RFResNetBackbone:
-    """The RF-ResNet for `arch`: Fig. 2's layout (PAPER_LAYOUT) with the
-    ImageNet stem; with the small stem (images of at most 64 px), ResNet's
-    strides 2, 2, 2 and a field capped at the paper's ratio times the view,
-    floor(99 / 224 * view_size) (14 px on 32 px views; the walk reaches 13 px
-    on ResNet-18, 11 px on ResNet-50), instead of 29 px on a 32 px view."""
+    """The RF-ResNet for `arch`: PAPER_LAYOUT with the ImageNet stem (99 px);
+    with the small stem (images of at most 64 px), PAPER_LAYOUT and a field
+    capped at the paper's ratio times the view, floor(99 / 224 * view_size):
+    the walk reaches 13 px on 32 px views and 25 px on 64 px views, on
+    ResNet-18 and ResNet-50 alike."""
     if small_stem:
-        return RFResNetBackbone(arch, maxpool=False, strides=(2, 2, 2), small_stem=True,
-                                max_rf=PAPER_RF * view_size // PAPER_VIEW, **kw)
+        return RFResNetBackbone(arch, small_stem=True, max_rf=PAPER_RF * view_size // PAPER_VIEW,
+                                **PAPER_LAYOUT, **kw)
     return RFResNetBackbone(arch, small_stem=False, **PAPER_LAYOUT, **kw)
 
 

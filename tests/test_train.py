@@ -272,8 +272,9 @@ def test_small_profile_keeps_the_backbone_family(argv, arch):
     assert train_module.apply_small_profile(big, explicit, median_side=375) == []
 
 
-@pytest.mark.parametrize("method, family", [("mocov2", "moco"), ("mosrep", "moco"), ("byol", "byol"),
-                                            ("scrl", "byol"), ("cossl", "byol"), ("simclr", "simclr")])
+@pytest.mark.parametrize("method, family", [("mocov2", "moco"), ("mosrep", "moco"), ("multicrop_mosrep", "moco"),
+                                            ("byol", "byol"), ("scrl", "byol"), ("cossl", "byol"),
+                                            ("simclr", "simclr")])
 def test_cpu_profile_gives_every_family_its_recipe(method, family):
     """On the CPU, small images also get configs/small_cpu.yaml: the narrow
     ResNet-18 and the family's recipe (the same values for every method of

@@ -10,10 +10,10 @@ from .cossl import COSSL
 from .leoclr import LeOCLR
 from .mocov2 import MoCoV2
 from .mosrep import MosRep
-from .multicrop import MultiCrop
+from .multicrop import MultiCrop, MultiCropMosRep
 from .scrl import SCRL
 from .simclr import SimCLR
 
 METHODS = {"mocov2": MoCoV2, "byol": BYOL, "simclr": SimCLR}
-METHODS.update(multicrop=MultiCrop, mosrep=MosRep, leoclr=LeOCLR)
+METHODS.update(multicrop=MultiCrop, multicrop_mosrep=MultiCropMosRep, mosrep=MosRep, leoclr=LeOCLR)
 METHODS.update(scrl=SCRL, clim=CLIM, cossl=COSSL)

@@ -31,8 +31,9 @@ Neither the full text nor the authors' code was available to us, so the
 pairing of the second direction with BYOL's global predictor is our reading.
 
 Pair it with `--arch rf_resnet50` / `rf_resnet18` (backbones.rf_resnet,
-Fig. 2) to bound the parts' receptive field as the paper does; on small
-images the field follows the view size (99/224 of it); any backbone works.
+Fig. 2) to bound the parts' receptive field as the paper does: 99 px on
+224 px views, 14 x 14 local vectors (output stride 16); on small images the
+field follows the view size (99/224 of it); any backbone works.
 
 local_weight (w_s): the paper's loss weight; its ablation (Table 5) reports
 values between 0.2 and 0.5 working well, and we take 0.3. Everything else is

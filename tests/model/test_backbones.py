@@ -149,70 +149,131 @@ def test_receptive_field_of_torchvision_resnets(arch, small_stem, rf, jump):
     assert receptive_field(net) == (rf, jump) and net.stride == jump
 
 
-@pytest.mark.parametrize("arch,small_stem,size", [("rf_resnet18", False, 160), ("rf_resnet50", False, 128),
+@pytest.mark.parametrize("arch,small_stem,size", [("rf_resnet18", False, 160), ("rf_resnet50", False, 160),
                                                   ("rf_resnet18", True, 32), ("rf_resnet50", True, 32),
                                                   ("resnet18", True, 128)])
 def test_receptive_field_is_the_measured_one(arch, small_stem, size):
+    """The walk's field is the square whose pixels move one feature-map
+    position: 99 px for RF-ResNet-50 and RF-ResNet-18 on the ImageNet stem."""
     torch.manual_seed(0)
     net = build_backbone(arch, small_stem=small_stem)
     rf, _ = receptive_field(net)
     assert gradient_window(net, size) == (rf, rf)
+    if not small_stem:
+        assert rf == PAPER_RF
 
 
-def _v1(net: RFResNetBackbone) -> RFResNetBackbone:
-    """The same layout with ResNet v1's stride placement (He et al. 2016):
-    on each Bottleneck's first 1x1 convolution instead of its 3x3."""
-    for layer in (net.layer2, net.layer3, net.layer4):
-        block = layer[0]
-        block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
-    return net
+def fields(arch: str, small_stem: bool, spatial_convs) -> dict:
+    """{(max-pool, strides): field} over Fig. 2's 16 layouts, walked on
+    networks built on the meta device (shapes only: the walk reads kernels
+    and strides)."""
+    with torch.device("meta"):
+        return {(maxpool, strides): RFResNetBackbone(arch, maxpool=maxpool, strides=strides, small_stem=small_stem,
+                                                     spatial_convs=spatial_convs, pool_mlp=False).receptive_field
+                for maxpool, strides in itertools.product((True, False), itertools.product((1, 2), repeat=3))}
 
 
-def test_fig2_layouts_of_resnet50():
-    """Fig. 2's parameters (max-pool; strides s1, s2, s3 of the first blocks of
-    layer2..4) on ResNet-50: no layout reaches the paper's 99 px with either
-    stride placement; the nearest is 103 px (torchvision's v1.5: no max-pool,
-    1, 2, 1, our PAPER_LAYOUT), then 107 px (v1, same layout); below 99 the
-    nearest are 83 (v1) and 79 (v1.5) px (1, 1, 2). On ResNet-18 the same
-    layout gives exactly 99 px."""
-    fields = {}
-    for maxpool, strides in itertools.product((True, False), itertools.product((1, 2), repeat=3)):
-        net = RFResNetBackbone("resnet50", maxpool=maxpool, strides=strides, pool_mlp=False)
-        fields[maxpool, strides, "v1.5"] = net.receptive_field
-        fields[maxpool, strides, "v1"] = receptive_field(_v1(net))[0]
-    assert PAPER_RF not in fields.values()
-    nearest = min(fields, key=lambda k: (abs(fields[k] - PAPER_RF), k[2] != "v1.5"))
-    assert nearest == (PAPER_LAYOUT["maxpool"], PAPER_LAYOUT["strides"], "v1.5") and fields[nearest] == 103
-    assert fields[False, (1, 2, 1), "v1"] == 107
-    assert max(v for v in fields.values() if v < PAPER_RF) == 83 == fields[False, (1, 1, 2), "v1"]
-    assert fields[False, (1, 1, 2), "v1.5"] == 79
-    assert fields[True, (2, 2, 2), "v1.5"] == 427                       # the stock layout: torchvision's ResNet-50
-    assert build_backbone("rf_resnet18").receptive_field == PAPER_RF
+def test_fig2_layouts_that_give_resnet50_99_px():
+    """Two 3x3 convolutions per layer (Fig. 2's reading): exactly two layouts
+    give ResNet-50 the paper's 99 px, max-pool with strides 1, 2, 1 and no
+    max-pool with 2, 2, 2 (ours); ResNet-18 has the same field in every
+    layout. Keeping every 3x3 (the earlier reading) or one per layer reaches
+    99 px in none."""
+    two = fields("resnet50", False, 2)
+    assert sorted(k for k, rf in two.items() if rf == PAPER_RF) == [(False, (2, 2, 2)), (True, (1, 2, 1))]
+    assert (PAPER_LAYOUT["maxpool"], PAPER_LAYOUT["strides"], PAPER_LAYOUT["spatial_convs"]) == (False, (2, 2, 2), 2)
+    assert fields("resnet18", False, 2) == two
+    every, one = fields("resnet50", False, None), fields("resnet50", False, 1)
+    assert PAPER_RF not in every.values() and PAPER_RF not in one.values()
+    assert every[True, (2, 2, 2)] == 427 and max(one.values()) == 75  # torchvision's ResNet-50; the widest of one
 
 
-@pytest.mark.parametrize("arch,rf", [("rf_resnet50", 103), ("rf_resnet18", 99)])
-def test_rf_resnet_224_layout(arch, rf):
-    """ImageNet stem, no max-pool, strides 1, 2, 1: output stride 4 (56 x 56
-    local vectors on 224 px views), torchvision's weight shapes unchanged."""
+def test_resnet18_29_px_needs_the_small_stem_and_two_3x3_per_layer():
+    """The review's 29 px for ResNet-18: with the ImageNet stem every field is
+    3 mod 4 (7 px at jump 2, each later 3x3 or pool adds a multiple of 4), so
+    no layout reaches 29; with the stride-1 stem a ResNet-18 keeping all 16
+    3x3s sees at least 35 px, and keeping two per layer gives exactly 29 px
+    with no max-pool and strides 1, 2, 2 or 2, 1, 1 (measured by gradients)."""
+    for spatial_convs in (None, 2, 1):
+        assert {rf % 4 for rf in fields("resnet18", False, spatial_convs).values()} == {3}
+    assert min(fields("resnet18", True, None).values()) == 35
+    small = fields("resnet18", True, 2)
+    assert sorted(k for k, rf in small.items() if rf == 29) == [(False, (1, 2, 2)), (False, (2, 1, 1))]
+    torch.manual_seed(0)
+    net = RFResNetBackbone("resnet18", maxpool=False, strides=(1, 2, 2), small_stem=True, pool_mlp=False, width=16)
+    assert gradient_window(net, 64) == (29, 29) and net.stride == 4
+
+
+@pytest.mark.parametrize("arch,spatial", [
+    ("rf_resnet50", {f"layer{i}.{b}.conv2" for i in range(1, 5) for b in (0, 1)}),
+    ("rf_resnet18", {f"layer{i}.0.conv{c}" for i in range(1, 5) for c in (1, 2)})])
+def test_rf_resnet_224_layout(arch, spatial):
+    """ImageNet stem, no max-pool, strides 2, 2, 2: output stride 16 (14 x 14
+    local vectors on 224 px views). Every layer keeps two 3x3 convolutions
+    (ResNet-50: conv2 of its first two blocks; ResNet-18: both of block 1);
+    every other 3x3 of torchvision's ResNet is 1x1, and only those weights
+    change shape."""
     torch.manual_seed(0)
     net = build_backbone(arch)
     ref = build_backbone(arch[3:])
-    assert (net.receptive_field, net.stride, net.out_dim) == (rf, 4, ref.out_dim)
+    assert (net.receptive_field, net.stride, net.out_dim) == (PAPER_RF, 16, ref.out_dim)
     assert isinstance(net.maxpool, nn.Identity)
-    shapes = {k: v.shape for k, v in net.state_dict().items() if not k.startswith("pool_mlp.")}
-    assert shapes == {k: v.shape for k, v in ref.state_dict().items()}
+    kernels = {name: m.kernel_size[0] for name, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+    ref_kernels = {name: m.kernel_size[0] for name, m in ref.named_modules() if isinstance(m, nn.Conv2d)}
+    assert {name for name, k in kernels.items() if k == 3 and name.startswith("layer")} == spatial
+    made_pointwise = {name for name, k in ref_kernels.items() if k == 3 and name.startswith("layer")} - spatial
+    assert made_pointwise and all(kernels[name] == 1 for name in made_pointwise)
+    sd = {k: v for k, v in net.state_dict().items() if not k.startswith("pool_mlp.")}
+    ref_sd = ref.state_dict()
+    assert sd.keys() == ref_sd.keys()
+    assert {k for k in sd if sd[k].shape != ref_sd[k].shape} == {f"{name}.weight" for name in made_pointwise}
     fmap, pooled = net(torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last))
-    assert fmap.shape == (2, net.out_dim, 16, 16) and pooled.shape == (2, net.out_dim)
+    assert fmap.shape == (2, net.out_dim, 4, 4) and pooled.shape == (2, net.out_dim)
+
+
+def count(net: nn.Module, prefix: str = "") -> int:
+    return sum(p.numel() for name, p in net.named_parameters() if name.startswith(prefix))
+
+
+def test_rf_resnet50_parameter_count():
+    """RF-ResNet-50 has 23,217,216 parameters (23.2M: 19,018,816 in the
+    convolutions and BNs, 4,198,400 in the pool MLP), against ResNet-50's
+    23,508,032 without fc: of the readings of Fig. 2 (one, two or every 3x3
+    per layer) the nearest to the 23.7M a review of the paper quotes."""
+    with torch.device("meta"):  # shapes only: no weights are drawn
+        readings = {k: count(RFResNetBackbone("resnet50", spatial_convs=k)) for k in (1, 2, None)}
+        net, ref = build_backbone("rf_resnet50"), build_backbone("resnet50")
+    assert (count(net), count(net, "pool_mlp."), count(ref)) == (23_217_216, 4_198_400, 23_508_032)
+    assert readings == {1: 20_431_936, 2: 23_217_216, None: 27_706_432}
+    assert min(readings, key=lambda k: abs(readings[k] - 23.7e6)) == 2
+
+
+@pytest.mark.parametrize("arch,gmacs,params", [("rf_resnet50", 12.71, 23.22), ("rf_resnet18", 3.61, 5.87),
+                                               ("resnet50", 4.09, 23.51)])
+def test_cost_per_224_px_view(arch, gmacs, params):
+    """The README's cost of a 224 px view: multiply-accumulates of one forward
+    pass (torch.utils.flop_counter; MACs = FLOPs / 2), on the meta device, so
+    only shapes are computed, and the 14 x 14 map of an RF-ResNet."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        net = build_backbone(arch).eval()
+        with FlopCounterMode(display=False) as flops:
+            fmap, _ = net(torch.empty(1, 3, 224, 224))
+    assert round(flops.get_total_flops() / 2e9, 2) == gmacs and round(count(net) / 1e6, 2) == params
+    assert fmap.shape[-1] == 224 // net.stride == (14 if arch.startswith("rf_") else 7)
 
 
 @pytest.mark.parametrize("arch", ["rf_resnet18", "rf_resnet50"])
 @pytest.mark.parametrize("view", [16, 32, 64])
 def test_small_images_get_a_field_in_proportion_to_the_view(arch, view):
     """Small stem: the field is at most 99/224 of the view and not far below
-    (the walk keeps whole 3x3 convolutions), not 29 px on a 32 px view."""
+    (the walk keeps whole 3x3 convolutions): 7, 13 and 25 px, where Fig. 2's
+    layout alone would give 49 px on a 32 px view."""
     target = PAPER_RF * view / PAPER_VIEW
     net = build_backbone(arch, small_stem=True, view_size=view)
     assert 0.75 * target <= net.receptive_field <= target
+    assert net.receptive_field == {16: 7, 32: 13, 64: 25}[view]
+    assert RFResNetBackbone(arch[3:], small_stem=True, **PAPER_LAYOUT).receptive_field == 49
     assert net.stride == 8
     fmap, _ = net(torch.randn(2, 3, view, view))
     assert fmap.shape[-2:] == (view // 8, view // 8)

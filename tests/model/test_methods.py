@@ -130,7 +130,7 @@ def test_forward_backward(name):
 def test_overfits_one_batch(name):
     # queue methods: in-batch negatives, since a queue filled by the same batch holds copies of the positives;
     # shuffling BN in 2 sub-batches of 2 (of 1 sample, a key's BN would erase it on these 2 x 2 maps)
-    in_batch = name in ("mocov2", "multicrop", "mosrep", "leoclr", "clim")
+    in_batch = name in ("mocov2", "multicrop", "multicrop_mosrep", "mosrep", "leoclr", "clim")
     cfg, model, views = build(name, batch_size=4, **({"queue_size": 0, "bn_splits": 2} if in_batch else {}))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     losses = []

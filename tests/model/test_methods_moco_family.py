@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import pipelines
 from model.common import info_nce, info_nce_indexed
-from model.methods import clim as clim_mod
+from model.methods import METHODS
 from model.methods import leoclr as leoclr_mod
 from model.methods import mocov2 as mocov2_mod
 from model.methods import mosrep as mosrep_mod
@@ -110,6 +110,74 @@ def test_multicrop_local_queries_scored_against_own_global_keys(monkeypatch):
         torch.testing.assert_close(q[:b], q_global[1 - i], atol=1e-4, rtol=1e-4)  # the other global view
         torch.testing.assert_close(q[b:].view(n, b, -1), q_local, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(pos.view(1 + n, b, -1), keys[i].expand(1 + n, b, -1))  # image b -> key b
+
+
+@pytest.mark.parametrize("size,local", [(32, 16), (224, 112)])
+def test_multicrop_mosrep_views_are_mosreps_baseline(size, local):
+    """MosRep's baseline views (configs/multicrop_mosrep.yaml): 2 global crops
+    of 224 px at scale 0.2-1 (pretrain_moco.sh --global-scale 0.2 1.0) and 4
+    local crops of 112 px at 0.1-0.6 (pretrain_mosrep.sh --local-size 112
+    --local-scale 0.1 0.6; dataset.py's 4 crops), all MoCo v2's augmentation
+    (dataset.py get_standard_transform, get_local_transform)."""
+    spec = multicrop_mod.MultiCropMosRep.spec(make_cfg("multicrop_mosrep", image_size=size))
+    g, lo = spec.family("global"), spec.family("local")
+    assert (g.count, g.size, g.scale, g.augs) == (2, size, (0.2, 1.0), (MOCOV2_AUG,))
+    assert (lo.count, lo.size, lo.scale, lo.augs) == (4, local, (0.1, 0.6), (MOCOV2_AUG,))
+    assert spec.original is None and spec.mosaic is None
+
+
+def moco_reference(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MosRep's builder.py MoCo.forward: logits [q.k | q.queue] / T, cross-entropy with the positive at 0."""
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1) / temperature
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long))
+
+
+def test_multicrop_mosrep_loss_terms_are_mosreps_baseline(monkeypatch):
+    """One direction: view 0 and the 4 local crops are queries, view 1 the
+    only key (dataset.py CropsTransform: crops_q, the local queries, crops_k);
+    loss = two-view loss + the mean over the local crops (pretrain_ddp.py:
+    loss_single + loss_mosaic), each an InfoNCE against the queue as MoCo's
+    builder.py computes it; only view 1's keys enter the queue."""
+    cfg, model, views = build("multicrop_mosrep")
+    assert (cfg.symmetric, cfg.local_reduction, cfg.local_crops) == (False, "added", 4)
+    model.eval()  # BN on running statistics: one image's output does not depend on the others
+    keyed = record(monkeypatch, multicrop_mod.MultiCrop, "_key")
+    calls = record(monkeypatch, multicrop_mod, "info_nce")
+    loss, metrics = model(views)
+    (x1, x2), local = views.crops["global"], views.crops["local"]
+    n, b = local.shape[:2]
+    assert len(keyed) == 1 and torch.equal(keyed[0][1], x2)
+    with torch.no_grad():
+        k2 = model._key(x2)
+        q1 = model._query(x1)
+        q_local = torch.cat([model._query(local[j]) for j in range(n)])  # row j*B + b: crop j of image b
+    assert [c[0].shape[0] for c in calls] == [b, n * b]
+    torch.testing.assert_close(calls[0][0], q1, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(calls[1][0], q_local, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(calls[1][1], k2.repeat(n, 1))  # each crop's positive: its image's key of view 1
+    queue, t = model.queue.keys, cfg.temperature
+    two_view, local_mean = moco_reference(q1, k2, queue, t), moco_reference(q_local, k2.repeat(n, 1), queue, t)
+    torch.testing.assert_close(loss, two_view + local_mean, atol=1e-4, rtol=1e-4)
+    assert set(metrics) == {"acc", "acc_local"}
+    model.train()
+    ptr = int(model.queue.ptr)
+    keyed.clear()
+    model(views)
+    assert len(keyed) == 1 and int(model.queue.ptr) == (ptr + b) % cfg.queue_size
+
+
+@pytest.mark.parametrize("reduction", ["pairs", "added"])
+def test_multicrop_one_direction(monkeypatch, reduction):
+    """--no-symmetric on multicrop: view 0 and the local views query view 1's
+    key alone, whichever the reduction; pairs puts them in one mean."""
+    _, model, views = build("multicrop", symmetric=False, local_reduction=reduction)
+    keyed = record(monkeypatch, multicrop_mod.MultiCrop, "_key")
+    calls = record(monkeypatch, multicrop_mod, "info_nce")
+    loss, _ = model(views)
+    n, b = views.crops["local"].shape[:2]
+    assert len(keyed) == 1 and torch.equal(keyed[0][1], views.crops["global"][1]) and torch.isfinite(loss)
+    assert [c[0].shape[0] for c in calls] == ([(1 + n) * b] if reduction == "pairs" else [b, n * b])
 
 
 def test_multicrop_without_queue_uses_batch_keys():
@@ -259,7 +327,7 @@ def test_leoclr_end_to_end_variant():
 
 
 # ----------------------------------------------------------------------------- shuffling BN, paper defaults
-MOCO_FAMILY = ["mocov2", "multicrop", "mosrep", "leoclr", "clim"]
+MOCO_FAMILY = ["mocov2", "multicrop", "multicrop_mosrep", "mosrep", "leoclr", "clim"]
 
 
 @pytest.mark.parametrize("name", MOCO_FAMILY)
@@ -298,8 +366,7 @@ def test_single_direction_by_default_symmetric_by_flag(name, monkeypatch):
 def test_moco_head_hidden_width_is_the_backbones(name, arch, width):
     """official builder.py: dim_mlp = fc.weight.shape[1] (MosRep's ConvProjector(2048, dim) on ResNet-50)."""
     cfg = make_cfg(name, arch=arch, proj_hidden=0)
-    model = {"mocov2": mocov2_mod.MoCoV2, "multicrop": multicrop_mod.MultiCrop, "mosrep": mosrep_mod.MosRep,
-             "leoclr": leoclr_mod.LeOCLR, "clim": clim_mod.CLIM}[name](cfg)
+    model = METHODS[name](cfg)
     head = model.projector.mlp if name == "mosrep" else model.projector
     linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(width, width), (width, cfg.proj_dim)]
