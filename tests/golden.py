@@ -31,7 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "tests" / "data" / "golden"
-METHODS = ["mocov2", "byol", "simclr", "multicrop", "mosrep", "leoclr", "scrl", "clim", "cossl"]
+METHODS = ["mocov2", "byol", "simclr", "multicrop", "multicrop_mosrep", "mosrep", "leoclr", "scrl", "clim",
+           "cossl"]
 STEPS = 8
 PORTABLE_NUMERICS = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "DNNL_MAX_CPU_ISA": "SSE41",
                      "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
