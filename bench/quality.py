@@ -1,7 +1,7 @@
 """Measured learning: pre-train each method for a fixed budget, then kNN top-1
 against the same backbone at random init.
 
-    python bench/quality.py --budget cpu                         # all nine methods, 2 CPU cores, under 2 hours
+    python bench/quality.py --budget cpu                         # every registered method, 2 CPU cores
     python bench/quality.py --budget full                        # a GPU: 100 epochs each, the whole dataset
     python bench/quality.py --methods mocov2,byol --steps 200    # a shorter budget of your own
 
