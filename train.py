@@ -304,8 +304,7 @@ def run(argv: list[str], stop: checkpoints.StopSignals, state: RunState) -> int:
     with stop.deferred():  # a signal: the step finishes, a checkpoint, exit 75 (the kNN evaluation stops at once)
         while global_step < total_steps:
             epoch = loader.epoch
-            if hasattr(raw_model, "neighbour_table"):  # CLIM: this epoch's plans fetch the neighbours it names
-                loader.set_neighbours(raw_model.neighbour_table(epoch))
+            raw_model.epoch_start(epoch, loader)  # the method's work before the epoch's first plan
             bar = tqdm(total=steps_per_epoch, initial=loader.step, desc=f"epoch {epoch}", unit="step",
                        disable=not is_main(), dynamic_ncols=True, leave=False)
             t_last, seen = time.perf_counter(), 0
