@@ -183,7 +183,7 @@ def run(argv: list[str], stop: checkpoints.StopSignals, state: RunState) -> int:
     try:
         loader = pipelines.build(cfg.pipeline, method.spec(cfg), train_src, batch_size=cfg.batch_size // world,
                                  seed=cfg.seed, rank=rank, world_size=world, device=device, workers=cfg.workers,
-                                 **({"cpu": True} if cfg.cpu_graph and cfg.pipeline == "dali" else {}))
+                                 **pipelines.backend_options(cfg.pipeline, cfg))
     except pipelines.PipelineError as e:
         raise UserError(str(e))
     state.resources.callback(loader.close)

@@ -296,10 +296,10 @@ def sheet_for(cfg, spec, source, pipeline_names, *, samples: int = 4, epoch: int
     batch = max(samples, spec.mosaic.crops_per_image if spec.mosaic is not None else 1)
     renders, plan = {}, None
     for name in pipeline_names:
-        options = {"cpu": True} if name == "dali" and getattr(cfg, "cpu_graph", False) else {}
         workers = 0 if name == "torchvision" else max(1, int(getattr(cfg, "workers", 1)))
         plan, renders[name] = render_step(name, spec, source, batch_size=batch, seed=cfg.seed, epoch=epoch,
-                                          step=step, device=device, workers=workers, **options)
+                                          step=step, device=device, workers=workers,
+                                          **pipelines.backend_options(name, cfg))
     title = (f"{cfg.method} on {', '.join(pipeline_names)}: epoch {epoch}, step {step}, seed {cfg.seed}, "
              f"batch {batch}, data {source.name}")
     return view_sheet(plan, renders, source, spec, title=title, panel=panel)
