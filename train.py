@@ -41,7 +41,7 @@ import torch.distributed as dist  # noqa: E402
 import yaml  # noqa: E402
 
 from configs import apply_small_profile, resolve_config, rules  # noqa: E402,F401 (tests and bench import them here)
-from model import checkpoints, evaluation, faults  # noqa: E402
+from model import checkpoints, curves, evaluation, faults, sheets  # noqa: E402
 from model.distributed import (LaunchError, StopVote, init_distributed, is_main, log,  # noqa: E402,F401
                                parameter_digest, summed_over_ranks)
 from model.optim import build_optimizer, cosine_schedule, schedule_steps  # noqa: E402
@@ -222,9 +222,8 @@ def run(argv: list[str], stop: checkpoints.StopSignals, state: RunState) -> int:
     if cfg.tensorboard and is_main():
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(run_dir / "tb")
-        if global_step == 0:  # the view sheet of step 0 (bench/show.py), rendered on a loader of its own
-            from bench import show
-            show.add_views_to_tensorboard(writer, cfg, method.spec(cfg), train_src, device)
+        if global_step == 0:  # the view sheet of step 0 (model/sheets.py), rendered on a loader of its own
+            sheets.add_views_to_tensorboard(writer, cfg, method.spec(cfg), train_src, device)
     if writer:
         state.resources.callback(writer.close)
     log_file = state.resources.enter_context(open(run_dir / "log.jsonl", "a")) if is_main() else None
@@ -373,8 +372,7 @@ def run(argv: list[str], stop: checkpoints.StopSignals, state: RunState) -> int:
                 write_log({"step": global_step, "epoch": epoch, "knn_top1": acc, "knn_random": anchor,
                            "knn_gain": acc - anchor})
             if is_main():  # run_dir/curves.png redrawn from log.jsonl
-                from bench import show
-                show.write_curves(run_dir)
+                curves.write_curves(run_dir)
     log(f"done: {run_dir}")
     return 0
 
