@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 import pipelines
-from model import curves, sheets
 import train
+from configs import resolve_config
+from model import curves, sheets
 from model.methods import METHODS
 from pipelines.data import open_source
 from pipelines.torchvision import decode
@@ -33,7 +34,7 @@ def source(tmp_path_factory):
 
 
 def config(method, *extra):
-    cfg, _ = train.resolve_config(["--method", method, "--image-size", "24", *extra])
+    cfg, _ = resolve_config(["--method", method, "--image-size", "24", *extra])
     return cfg
 
 
