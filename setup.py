@@ -11,7 +11,7 @@ CORE = [
     "pillow>=10",
     "pyyaml>=6",
     "tqdm>=4.60",
-    "matplotlib>=3.8",  # bench/show.py: a run's curves.png
+    "matplotlib>=3.8",  # model/curves.py: a run's curves.png
 ]
 # numba-cuda compiles pipelines/colour.py's CUDA kernels (DALI's GPU graph, FFCV's colour on a GPU); its cu13
 # extra brings NVVM (nvidia-nvvm) and nvJitLink as wheels, matched to torch's CUDA toolkit, so no system CUDA is

@@ -18,6 +18,21 @@ import torch.nn.functional as F
 from pipelines.base import upload
 
 
+# ----------------------------------------------------------------------------- the method interface
+class Method(nn.Module):
+    """What the loop calls on every method (model/methods/__init__.py lists
+    the whole interface). The defaults do nothing, so a method overrides
+    only the hooks it has work for, and the loop never asks which method
+    it runs (MoCo's builder: the method owns its extra work)."""
+
+    def epoch_start(self, epoch: int, loader) -> None:
+        """Before the first step of `epoch` (also of a resumed epoch), with the
+        epoch's loader: e.g. the neighbour table its plans fetch (CLIM)."""
+
+    def step_end(self, progress: float) -> None:
+        """After each optimizer step; `progress` in (0, 1]: momentum schedules."""
+
+
 # ----------------------------------------------------------------------------- distributed
 def world_info() -> tuple[int, int]:
     """(rank, world size); (0, 1) outside a process group."""

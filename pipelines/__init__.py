@@ -49,4 +49,11 @@ def build(name: str, spec, source, *, batch_size: int, seed: int = 0, rank: int 
                               device=device, dtype=dtype or torch.float32, workers=workers, **options)
 
 
-__all__ = ["PIPELINES", "PipelineError", "PlannedLoader", "build", "loader_class"]
+def backend_options(name: str, cfg) -> dict:
+    """The options of backend `name` (build's **options) that a run's config
+    sets, so that a caller passes them without naming a backend: --cpu-graph
+    runs DALI's graph on the CPU even with a GPU."""
+    return {"cpu": True} if name == "dali" and getattr(cfg, "cpu_graph", False) else {}
+
+
+__all__ = ["PIPELINES", "PipelineError", "PlannedLoader", "backend_options", "build", "loader_class"]

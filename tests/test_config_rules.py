@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from configs import rules
+from configs import apply_small_profile, resolve_config, rules
 import train as train_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def as_argv(value) -> list:
 
 
 def test_every_config_key_and_flag_has_a_rule():
-    cfg, _ = train_module.resolve_config(["--method", "mocov2"])
+    cfg, _ = resolve_config(["--method", "mocov2"])
     flags = set(vars(cfg)) - set(METHOD_KEYS["mocov2"])
     # choices and on/off switches are settled by argparse itself
     settled = {"method", "pipeline", "amp", "eval", "compile", "sync_bn", "cpu_graph", "tensorboard", "data_changed",
@@ -42,9 +42,9 @@ def test_every_config_key_and_flag_has_a_rule():
 
 @pytest.mark.parametrize("method", sorted(METHOD_KEYS))
 def test_every_methods_defaults_pass(method):
-    cfg, explicit = train_module.resolve_config(["--method", method])
+    cfg, explicit = resolve_config(["--method", method])
     rules.check(cfg)
-    train_module.apply_small_profile(cfg, explicit, median_side=28)
+    apply_small_profile(cfg, explicit, median_side=28)
     rules.check(cfg)
 
 

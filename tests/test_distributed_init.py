@@ -1,4 +1,4 @@
-"""train.init_distributed on a (pretend) GPU node: the device a process
+"""model.distributed.init_distributed on a (pretend) GPU node: the device a process
 takes, what init_process_group is given, and one line for a GPU that is
 asked for and missing or present and unusable; StopVote across two real
 gloo processes."""
@@ -12,7 +12,6 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402
 from model import distributed  # noqa: E402
 
 
@@ -30,8 +29,8 @@ def test_slurm_local_id_wraps_over_the_visible_gpus(monkeypatch, local, gpus, wa
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     chosen, calls = [], []
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
-    monkeypatch.setattr(train.dist, "init_process_group", lambda *a, **kw: calls.append((a, kw)))
-    rank, world, device = train.init_distributed(None)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **kw: calls.append((a, kw)))
+    rank, world, device = distributed.init_distributed(None)
     assert (rank, world) == (5, 8)
     assert device == torch.device("cuda", want) and chosen == [device]
     (args, kw), = calls
@@ -52,9 +51,9 @@ def single_process(monkeypatch, gpus: int, present: str | None = None):
 
 def test_cuda_n_is_that_gpu_in_one_process(monkeypatch):
     chosen = single_process(monkeypatch, gpus=4)
-    assert train.init_distributed("cuda:2")[2] == torch.device("cuda", 2) and chosen == [torch.device("cuda", 2)]
-    assert train.init_distributed("cuda")[2] == torch.device("cuda", 0)
-    assert train.init_distributed(None)[2] == torch.device("cuda", 0)
+    assert distributed.init_distributed("cuda:2")[2] == torch.device("cuda", 2) and chosen == [torch.device("cuda", 2)]
+    assert distributed.init_distributed("cuda")[2] == torch.device("cuda", 0)
+    assert distributed.init_distributed(None)[2] == torch.device("cuda", 0)
 
 
 @pytest.mark.parametrize("arg, gpus, message", [
@@ -65,8 +64,8 @@ def test_cuda_n_is_that_gpu_in_one_process(monkeypatch):
 ])
 def test_a_gpu_that_is_not_there_is_one_line(monkeypatch, arg, gpus, message):
     single_process(monkeypatch, gpus)
-    with pytest.raises(train.LaunchError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        train.init_distributed(arg)
+    with pytest.raises(distributed.LaunchError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        distributed.init_distributed(arg)
 
 
 def test_cuda_n_under_several_processes_is_refused(monkeypatch):
@@ -74,21 +73,21 @@ def test_cuda_n_under_several_processes_is_refused(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    with pytest.raises(train.LaunchError, match="names one GPU, but this is one of 2 processes"):
-        train.init_distributed("cuda:3")
+    with pytest.raises(distributed.LaunchError, match="names one GPU, but this is one of 2 processes"):
+        distributed.init_distributed("cuda:3")
 
 
 def test_a_gpu_torch_cannot_see_is_not_a_silent_cpu_run(monkeypatch):
     """With no flag, a machine whose torch cannot use its GPU stops with one
     line; --device cpu, or GPUs hidden on purpose, train on the CPU."""
     single_process(monkeypatch, gpus=0, present="/proc/driver/nvidia/gpus/0000:17:00.0")
-    with pytest.raises(train.LaunchError, match="has an NVIDIA GPU .* but torch cannot use it"):
-        train.init_distributed(None)
-    assert train.init_distributed("cpu")[2] == torch.device("cpu")
+    with pytest.raises(distributed.LaunchError, match="has an NVIDIA GPU .* but torch cannot use it"):
+        distributed.init_distributed(None)
+    assert distributed.init_distributed("cpu")[2] == torch.device("cpu")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert train.init_distributed(None)[2] == torch.device("cpu")
+    assert distributed.init_distributed(None)[2] == torch.device("cpu")
     single_process(monkeypatch, gpus=0, present=None)
-    assert train.init_distributed(None)[2] == torch.device("cpu")
+    assert distributed.init_distributed(None)[2] == torch.device("cpu")
 
 
 def _vote(rank: int, port: int, signal_at: int, out):

@@ -115,10 +115,11 @@ SIGTERM_LINES = {
 }
 LIBRARY_LOOP = """
 import sys
-import pipelines, train
+import pipelines
+from configs import resolve_config
 from model.methods import METHODS
 from pipelines.data import open_source
-cfg, _ = train.resolve_config(["--method", "mocov2"])
+cfg, _ = resolve_config(["--method", "mocov2"])
 cfg.image_size = 16
 loader = pipelines.build(sys.argv[1], METHODS["mocov2"].spec(cfg), open_source(sys.argv[2], "train"),
                          batch_size=8, workers=2)

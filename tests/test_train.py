@@ -264,12 +264,12 @@ def test_small_profile_keeps_the_backbone_family(argv, arch):
     """configs/small.yaml shrinks ResNet-50 to ResNet-18 within its family
     (CO-SSL's RF-ResNet stays receptive-field limited) and never overrides
     the command line."""
-    import train as train_module
-    cfg, explicit = train_module.resolve_config(argv)
-    train_module.apply_small_profile(cfg, explicit, median_side=28)
+    from configs import apply_small_profile, resolve_config
+    cfg, explicit = resolve_config(argv)
+    apply_small_profile(cfg, explicit, median_side=28)
     assert cfg.arch == arch and cfg.small_stem and cfg.image_size == 32
-    big, explicit = train_module.resolve_config(argv)
-    assert train_module.apply_small_profile(big, explicit, median_side=375) == []
+    big, explicit = resolve_config(argv)
+    assert apply_small_profile(big, explicit, median_side=375) == []
 
 
 @pytest.mark.parametrize("method, family", [("mocov2", "moco"), ("mosrep", "moco"), ("multicrop_mosrep", "moco"),
@@ -280,27 +280,27 @@ def test_cpu_profile_gives_every_family_its_recipe(method, family):
     ResNet-18 and the family's recipe (the same values for every method of
     the family); a GPU does not, and the command line still wins."""
     import yaml
-    import train as train_module
+    from configs import apply_small_profile, resolve_config, rules
     recipe = yaml.safe_load((ROOT / "configs" / "small_cpu.yaml").read_text())
     assert method in recipe["families"][family]
-    cfg, explicit = train_module.resolve_config(["--method", method])
-    changed = train_module.apply_small_profile(cfg, explicit, median_side=28, device_type="cpu")
+    cfg, explicit = resolve_config(["--method", method])
+    changed = apply_small_profile(cfg, explicit, median_side=28, device_type="cpu")
     narrow = "rf_resnet18_quarter" if method == "cossl" else "resnet18_quarter"  # CO-SSL keeps its RF-ResNet
     assert cfg.arch == narrow and cfg.epochs == recipe["all"]["epochs"] and f"arch={narrow}" in changed
     assert all(getattr(cfg, key) == value for key, value in recipe[family].items() if hasattr(cfg, key))
-    train_module.rules.check(cfg)  # every value the profile sets is within its rule
-    gpu, explicit = train_module.resolve_config(["--method", method])
-    train_module.apply_small_profile(gpu, explicit, median_side=28, device_type="cuda")
+    rules.check(cfg)  # every value the profile sets is within its rule
+    gpu, explicit = resolve_config(["--method", method])
+    apply_small_profile(gpu, explicit, median_side=28, device_type="cuda")
     assert gpu.arch == narrow.removesuffix("_quarter") and gpu.weight_decay != recipe[family]["weight_decay"]
-    mine, explicit = train_module.resolve_config(["--method", method, "--lr", "0.123", "--arch", "resnet18"])
-    train_module.apply_small_profile(mine, explicit, median_side=28, device_type="cpu")
+    mine, explicit = resolve_config(["--method", method, "--lr", "0.123", "--arch", "resnet18"])
+    apply_small_profile(mine, explicit, median_side=28, device_type="cpu")
     assert mine.lr == 0.123 and mine.arch == "resnet18"
 
 
 def test_a_step_budget_compresses_the_warm_up():
-    import train as train_module
-    assert train_module.schedule_steps(10, 20, 1, None) == (200, 20)
-    assert train_module.schedule_steps(10, 20, 1, 50) == (50, 5)      # warm-up keeps its 10% of the run
-    assert train_module.schedule_steps(10, 20, 1, 500) == (200, 20)   # a budget past the epochs changes nothing
-    lr = train_module.cosine_schedule(0.1, *train_module.schedule_steps(100, 20, 10, 30))
+    from model.optim import cosine_schedule, schedule_steps
+    assert schedule_steps(10, 20, 1, None) == (200, 20)
+    assert schedule_steps(10, 20, 1, 50) == (50, 5)      # warm-up keeps its 10% of the run
+    assert schedule_steps(10, 20, 1, 500) == (200, 20)   # a budget past the epochs changes nothing
+    lr = cosine_schedule(0.1, *schedule_steps(100, 20, 10, 30))
     assert len(lr) == 30 and lr.max() == pytest.approx(0.1) and lr[0] == 0 and lr[-1] < lr.max()

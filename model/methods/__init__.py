@@ -1,8 +1,9 @@
 """The pre-training methods, one file each, registered by name.
 
-A method is an nn.Module with `name`, `spec(cfg) -> ViewSpec` (static),
-`__init__(cfg)`, `forward(views) -> (loss, metrics)`, `step_end(progress)`
-and a `backbone` attribute (the online backbone).
+A method is a common.Method (an nn.Module) with `name`, `spec(cfg) ->
+ViewSpec` (static), `__init__(cfg)`, `forward(views) -> (loss, metrics)`,
+`epoch_start(epoch, loader)`, `step_end(progress)` (both no-ops unless
+overridden) and a `backbone` attribute (the online backbone).
 """
 from .byol import BYOL
 from .clim import CLIM

@@ -13,16 +13,15 @@ proj_dim, pred_hidden, ema.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from pipelines.views import BYOL_AUG_1, BYOL_AUG_2, CropSpec, ViewSpec, Views
 
 from ..backbones import build_backbone
-from ..common import byol_loss, copy_as_target, cosine_momentum, ema_update
+from ..common import Method, byol_loss, copy_as_target, cosine_momentum, ema_update
 from ..heads import byol_mlp
 
 
-class BYOL(nn.Module):
+class BYOL(Method):
     name = "byol"
 
     @staticmethod

@@ -11,7 +11,7 @@ negatives, InfoNCE at T = 0.2; mocov2.py). On top:
    dataset index (views.index), written as images pass, gathered across
    ranks so all hold the same rows. It grows to the largest index seen (no
    dataset size needed), is checkpointed and kept out of DDP's broadcasts.
-2. At each epoch start (train.py calls neighbour_table(epoch) before the
+2. At each epoch start (epoch_start: the loop calls it before the
    epoch's first plan): spherical k-means (kmeans_iters iterations,
    min(num_clusters, rows // 10) centres) on the bank, then the neighbour
    table over the whole bank (bank_neighbours, center-wise local
@@ -46,14 +46,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from pipelines.base import upload
 from pipelines.views import MOCOV2_AUG, CropSpec, ViewSpec, Views
 
 from ..backbones import build_backbone
-from ..common import Queue, concat_all_gather, copy_as_target, ema_update, info_nce, momentum_key, world_info
+from ..common import Method, Queue, concat_all_gather, copy_as_target, ema_update, info_nce, momentum_key, world_info
 from ..heads import MLP
 from .mocov2 import shuffle_bn_from
 
@@ -157,7 +156,7 @@ def mixed_info_nce(q: torch.Tensor, keys: torch.Tensor, nbr: torch.Tensor, lam: 
         return -(target * logp).sum(1).mean()
 
 
-class CLIM(nn.Module):
+class CLIM(Method):
     name = "clim"
 
     @staticmethod
@@ -225,9 +224,13 @@ class CLIM(nn.Module):
                 setattr(self, name, torch.zeros_like(t, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def epoch_start(self, epoch: int, loader) -> None:
+        """This epoch's plans fetch the neighbours its table names."""
+        loader.set_neighbours(self.neighbour_table(epoch))
+
     @torch.no_grad()
     def neighbour_table(self, epoch: int) -> np.ndarray:
-        """The planner's neighbour table for `epoch` (train.py asks before the
+        """The planner's neighbour table for `epoch` (epoch_start, before the
         epoch's first plan): made once per epoch from the bank (k-means, then
         bank_neighbours), kept for the epoch, so a run resumed mid-epoch
         gets the table its plans were made with. Every rank makes the same."""

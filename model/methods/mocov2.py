@@ -21,12 +21,11 @@ symmetric, shuffle_bn, bn_splits, seed.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from pipelines.views import MOCOV2_AUG, CropSpec, ViewSpec, Views
 
 from ..backbones import build_backbone
-from ..common import Queue, ShuffleBN, copy_as_target, ema_update, info_nce, momentum_key
+from ..common import Method, Queue, ShuffleBN, copy_as_target, ema_update, info_nce, momentum_key
 from ..heads import MLP
 
 
@@ -35,7 +34,7 @@ def shuffle_bn_from(cfg) -> ShuffleBN:
     return ShuffleBN(getattr(cfg, "shuffle_bn", True), getattr(cfg, "bn_splits", 8), getattr(cfg, "seed", 0))
 
 
-class MoCoV2(nn.Module):
+class MoCoV2(Method):
     name = "mocov2"
 
     @staticmethod

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from pipelines.views import BYOL_AUG_1, BYOL_AUG_2, MOCOV2_AUG, CropSpec, MosaicSpec, ViewSpec, Views
 
 from ..backbones import build_backbone
-from ..common import (Queue, ShuffleBN, momentum_key, copy_as_target, cosine_momentum, ema_update,
+from ..common import (Method, Queue, ShuffleBN, momentum_key, copy_as_target, cosine_momentum, ema_update,
                       info_nce_indexed, roi_features)
 from ..heads import MLP, ConvProjector, byol_mlp
 
@@ -71,7 +71,7 @@ def weighted_regression(p: torch.Tensor, z: torch.Tensor, weight: torch.Tensor) 
         return ((2 - 2 * cos) * weight.float()).mean()
 
 
-class MosRep(nn.Module):
+class MosRep(Method):
     name = "mosrep"
 
     @staticmethod

@@ -14,12 +14,11 @@ proj_dim, temperature.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from pipelines.views import AugSpec, CropSpec, ViewSpec, Views
 
 from ..backbones import build_backbone
-from ..common import nt_xent
+from ..common import Method, nt_xent
 from ..heads import MLP
 
 # Appendix A / official data_util.py: ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s) with strength s = 1 (the
@@ -28,7 +27,7 @@ SIMCLR_AUG = AugSpec(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, jitt
                      blur_p=0.5, solarize_p=0.0)
 
 
-class SimCLR(nn.Module):
+class SimCLR(Method):
     name = "simclr"
 
     @staticmethod
@@ -47,6 +46,3 @@ class SimCLR(nn.Module):
         z1, z2 = self.projector(self.backbone(x)[1]).chunk(2)  # B x proj_dim each
         loss, acc = nt_xent(z1, z2, self.temperature, return_acc=True)
         return loss, {"acc": acc.detach()}
-
-    def step_end(self, progress: float) -> None:
-        pass  # no momentum encoder

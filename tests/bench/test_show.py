@@ -1,6 +1,7 @@
-"""bench/show.py: view sheets of every view family on every installed pipeline, with
-drawn boxes checked pixel by pixel against the plan; curves.png redrawn at
-each epoch end, and a resumed run's curve without a gap."""
+"""model/sheets.py and model/curves.py, and bench/show.py, their command line:
+view sheets of every view family on every installed pipeline, with drawn
+boxes checked pixel by pixel against the plan; curves.png redrawn at each
+epoch end, and a resumed run's curve without a gap."""
 import json
 import subprocess
 import sys
@@ -11,8 +12,9 @@ import pytest
 from PIL import Image
 
 import pipelines
-from bench import show
 import train
+from configs import resolve_config
+from model import curves, sheets
 from model.methods import METHODS
 from pipelines.data import open_source
 from pipelines.render import decode
@@ -32,14 +34,14 @@ def source(tmp_path_factory):
 
 
 def config(method, *extra):
-    cfg, _ = train.resolve_config(["--method", method, "--image-size", "24", *extra])
+    cfg, _ = resolve_config(["--method", method, "--image-size", "24", *extra])
     return cfg
 
 
 def render_png(tmp_path, cfg, source, names, samples=4):
     """(plan, PNG read back as an array, sheet) of epoch 0 step 0."""
     spec = METHODS[cfg.method].spec(cfg)
-    sheet = show.sheet_for(cfg, spec, source, names, samples=samples)
+    sheet = sheets.sheet_for(cfg, spec, source, names, samples=samples)
     out = tmp_path / "sheet.png"
     sheet.image.save(out)
     batch = max(samples, spec.mosaic.crops_per_image if spec.mosaic else 1)
@@ -90,26 +92,26 @@ def test_sheet_of_every_view_family(tmp_path, source, method, pipeline):
         panel = sheet.panel("source", sample=b)
         cp, v = windows[-1]
         top, left, h, w = (int(t) for t in cp.window[v, b])
-        assert_box_drawn(png, panel, (left, top, left + w, top + h), show.colour(len(windows) - 1))
+        assert_box_drawn(png, panel, (left, top, left + w, top + h), sheets.colour(len(windows) - 1))
         src = np.asarray(decode(source.read(int(plan.index[b]))))
         s = int(panel.scale)
         shown = png[panel.y:panel.y + src.shape[0] * s:s, panel.x:panel.x + src.shape[1] * s:s]
         assert (shown == src).all(axis=2).mean() > 0.5  # the source itself, under its boxes
 
     # Every view panel shows its view (no boxes drawn over views except SCRL's pairs).
-    views = show.render_step(pipeline, METHODS[method].spec(cfg), source, batch_size=batch, seed=cfg.seed)[1]
+    views = sheets.render_step(pipeline, METHODS[method].spec(cfg), source, batch_size=batch, seed=cfg.seed)[1]
     for name, fam in views.crops.items():
         for v in range(fam.shape[0]):
             panel = sheet.panel("view", sample=0, name=name, view=v)
             if plan.pairs is None:
-                assert_panel_shows(png, panel, show.to_pixels(fam[v][0]))
+                assert_panel_shows(png, panel, sheets.to_pixels(fam[v][0]))
     if plan.original is not None:
-        assert_panel_shows(png, sheet.panel("original", sample=1), show.to_pixels(views.original[1]))
+        assert_panel_shows(png, sheet.panel("original", sample=1), sheets.to_pixels(views.original[1]))
 
     if plan.mosaic is not None:  # every RoI, coloured by its source sample
         for j, (c, x0, y0, x1, y1) in enumerate(plan.mosaic.rois):
             panel = sheet.panel("mosaic", sample=int(c))
-            assert_box_drawn(png, panel, (x0, y0, x1, y1), show.colour(int(plan.mosaic.src[j])))
+            assert_box_drawn(png, panel, (x0, y0, x1, y1), sheets.colour(int(plan.mosaic.src[j])))
 
     if plan.pairs is not None:  # the last pair of each image, on both views, in one colour
         fam = METHODS[method].spec(cfg).pairs.family
@@ -121,7 +123,7 @@ def test_sheet_of_every_view_family(tmp_path, source, method, pipeline):
                 rows = plan.pairs.boxes[v][plan.pairs.boxes[v][:, 0] == b]
                 assert len(rows) == k
                 assert_box_drawn(png, sheet.panel("view", sample=b, name=fam, view=v), rows[-1, 1:],
-                                 show.colour(k - 1))
+                                 sheets.colour(k - 1))
         assert plan.pairs.count.sum() > 0
 
 
@@ -132,24 +134,24 @@ def test_two_pipelines_side_by_side_with_differences(tmp_path, source, method):
     names = RENDERERS[:2]
     plan, png, sheet = render_png(tmp_path, cfg, source, names)
     spec = METHODS[method].spec(cfg)
-    views = {n: show.render_step(n, spec, source, batch_size=len(plan.index), seed=cfg.seed)[1] for n in names}
+    views = {n: sheets.render_step(n, spec, source, batch_size=len(plan.index), seed=cfg.seed)[1] for n in names}
     expected_keys = {(c.name, v, b) for c in spec.crops for v in range(c.count) for b in range(len(plan.index))}
     if spec.original is not None:
         expected_keys |= {("original", 0, b) for b in range(len(plan.index))}
     if spec.mosaic is not None:
         expected_keys |= {("mosaic", 0, c) for c in range(len(plan.index))}
     assert set(sheet.diffs) == expected_keys
-    a, b = (show.to_pixels(views[n].crops["global"][1][2]).astype(np.int16) for n in names)
+    a, b = (sheets.to_pixels(views[n].crops["global"][1][2]).astype(np.int16) for n in names)
     d = np.abs(a - b)
     assert sheet.diffs[("global", 1, 2)] == pytest.approx(d.mean(), abs=1e-4)
     # the same plan: the views agree to a few levels on average (different resamplers), not by chance
     assert all(level < 8 for level in sheet.diffs.values()), sheet.diffs
     panel = sheet.panel("diff", name="global", view=1, sample=2)
-    shown = np.clip(d.mean(axis=2) * show.DIFF_GAIN, 0, 255).astype(np.uint8)
+    shown = np.clip(d.mean(axis=2) * sheets.DIFF_GAIN, 0, 255).astype(np.uint8)
     assert_panel_shows(png, panel, np.repeat(shown[..., None], 3, axis=2))
     for n in names:  # each pipeline's own panel of the same view
         assert_panel_shows(png, sheet.panel("view", pipeline=n, sample=2, name="global", view=1),
-                           show.to_pixels(views[n].crops["global"][1][2]))
+                           sheets.to_pixels(views[n].crops["global"][1][2]))
 
 
 def test_views_command_writes_the_sheet_and_refuses_bad_input(tmp_path, labelled_folder):
@@ -168,7 +170,7 @@ def test_curve_series_keeps_the_resumed_records():
     records = [{"step": s, "epoch": 0, "loss": float(s), "lr": 0.1} for s in (1, 2, 3)]
     records += [{"step": 2, "epoch": 0, "loss": 20.0, "lr": 0.1}, {"step": 3, "epoch": 0, "loss": 30.0, "lr": 0.1},
                 {"step": 3, "epoch": 0, "knn_top1": 0.5}, {"step": 3, "replica_digests": [1.0, 1.0]}]
-    series = show.curve_series(records)
+    series = curves.curve_series(records)
     assert list(series["loss"][0]) == [1, 2, 3] and list(series["loss"][1]) == [1.0, 20.0, 30.0]
     assert list(series["knn_top1"][0]) == [3] and "replica_digests" not in series and "epoch" not in series
 
@@ -178,7 +180,7 @@ def test_curves_figure_draws_the_random_init_anchor_only_when_logged():
                 "acc": 0.1 * s} for s in (1, 2, 3)] + [{"step": 3, "epoch": 0, "knn_top1": 0.62}]
     for anchor in (None, 0.65):
         recs = records + ([{"step": 0, "knn_random": anchor}] if anchor else [])
-        fig = show.curves_figure(show.curve_series(recs), "run")
+        fig = curves.curves_figure(curves.curve_series(recs), "run")
         knn = next(ax for ax in fig.axes if ax.get_title().startswith("kNN"))
         lines = {line.get_label(): line for line in knn.get_lines()}
         assert list(lines["kNN top-1"].get_ydata()) == pytest.approx([62.0])
@@ -200,14 +202,14 @@ def test_curves_redrawn_each_epoch_and_resumed_without_gap(labelled_folder, tmp_
     args = ["--method", "simclr", "--data", str(labelled_folder), "--run-dir", str(run), "--epochs", "3",
             "--knn-every", "1", "--knn-k", "5", "--ckpt-every", "2", *TINY]
     drawn = []  # (loss steps in the log, bytes of curves.png) after each redraw
-    real = show.write_curves
+    real = curves.write_curves
 
     def spy(run_dir, out=None):
         path = real(run_dir, out)
-        drawn.append((list(show.curve_series(show.read_log(Path(run_dir) / "log.jsonl"))["loss"][0]),
+        drawn.append((list(curves.curve_series(curves.read_log(Path(run_dir) / "log.jsonl"))["loss"][0]),
                       path.read_bytes()))
         return path
-    monkeypatch.setattr(show, "write_curves", spy)
+    monkeypatch.setattr(curves, "write_curves", spy)
 
     assert train.main([*args, "--stop-after", "9"]) == 0  # 6 steps an epoch: stops mid epoch 1
     assert len(drawn) == 1 and drawn[0][0] == list(range(1, 7))
@@ -221,7 +223,7 @@ def test_curves_redrawn_each_epoch_and_resumed_without_gap(labelled_folder, tmp_
               if "loss" in json.loads(l)]
     assert logged.count(9) == 2  # the resumed run logged step 9 again; the curve holds it once
     assert Image.open(run / "curves.png").size[0] > 300
-    knn = show.curve_series(show.read_log(run / "log.jsonl"))["knn_top1"]
+    knn = curves.curve_series(curves.read_log(run / "log.jsonl"))["knn_top1"]
     assert list(knn[0]) == [6, 12, 18]
 
 

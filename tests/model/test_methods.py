@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from model.common import copy_as_target
+from model.common import Method, copy_as_target
 from model.methods import METHODS
 from model.optim import build_optimizer
 from pipelines.views import ViewSpec, Views
@@ -104,7 +104,7 @@ def test_contract(name):
     assert full.family("global").size == 224
     _, model, _ = build(name)
     assert model.backbone.out_dim == 512 and model.backbone.stride == 8
-    assert callable(model.step_end)
+    assert isinstance(model, Method) and callable(model.step_end) and callable(model.epoch_start)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

@@ -170,6 +170,9 @@ def test_clim_memory_grows_and_the_table_reloads():
     fresh.load_state_dict(model.state_dict())
     assert torch.equal(fresh.memory, model.memory) and torch.equal(fresh.filled, model.filled)
     assert np.array_equal(fresh.neighbour_table(1), table)   # resumed mid-epoch: the same table, not remade
+    handed = []
+    fresh.epoch_start(1, type("Loader", (), {"set_neighbours": lambda self, t: handed.append(t)})())
+    assert len(handed) == 1 and np.array_equal(handed[0], table)  # the loop's hook hands the loader that table
     model.eval()
     model(views)
     assert int(model.filled.sum()) == 8                      # evaluation writes nothing

@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pipelines
-import train
+from configs import apply_small_profile, resolve_config
 from model import evaluation
 from model.methods import METHODS
 from model.optim import build_optimizer
@@ -55,8 +55,8 @@ class HostReads(TorchDispatchMode):
 
 
 def method_and_loader(name, source, pipeline="synthetic", device="cpu", batch=8):
-    cfg, _ = train.resolve_config(["--method", name])
-    train.apply_small_profile(cfg, {}, 28, torch.device(device).type)
+    cfg, _ = resolve_config(["--method", name])
+    apply_small_profile(cfg, {}, 28, torch.device(device).type)
     cfg.batch_size, cfg.image_size, cfg.amp = batch, 16, "fp32"
     if hasattr(cfg, "queue_size"):
         cfg.queue_size = 32
