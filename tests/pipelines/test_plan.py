@@ -179,15 +179,10 @@ def ref_mosaic_draws(key, batch, m, jitter, limit):
 
 def ref_mosaic_geometry(tile_src, shift, grid, crop):
     """Each tile: where it would go, moved by the shift, intersected with the canvas."""
-    batch, m = tile_src.shape
     side = grid * crop
-    paste = np.zeros((batch, m, 6), np.int32)
-    rois = np.zeros((batch * m, 5), np.float32)
-    src = np.zeros(batch * m, np.int64)
-    weight = np.zeros(batch * m, np.float32)
-    for c in range(batch):
-        dx, dy = int(shift[c, 0]), int(shift[c, 1])
-        for t in range(m):
+    paste, rois, src, weight = [], [], [], []  # rows in canvas-major, tile-minor order
+    for c, (dx, dy) in enumerate(shift.tolist()):
+        for t in range(tile_src.shape[1]):
             top, left = (t // grid) * crop + dy, (t % grid) * crop + dx
             # visible rows/columns of the canvas covered by this tile
             ys = [y for y in range(top, top + crop) if 0 <= y < side]
@@ -197,12 +192,12 @@ def ref_mosaic_geometry(tile_src, shift, grid, crop):
             # h or w 0; its corner is then clamped at 0 only, as the kernel does)
             y0 = ys[0] if ys else max(top, 0)
             x0 = xs[0] if xs else max(left, 0)
-            paste[c, t] = (y0 - top, x0 - left, h, w, y0, x0)
-            r = c * m + t
-            rois[r] = (c, x0, y0, x0 + w, y0 + h)
-            src[r] = tile_src[c, t]
-            weight[r] = (h * w) / float(crop * crop)
-    return paste, rois, src, weight
+            paste.append((y0 - top, x0 - left, h, w, y0, x0))
+            rois.append((c, x0, y0, x0 + w, y0 + h))
+            src.append(tile_src[c, t])
+            weight.append((h * w) / float(crop * crop))
+    return (np.array(paste, np.int32).reshape(tile_src.shape + (6,)), np.array(rois, np.float32).reshape(-1, 5),
+            np.array(src, np.int64), np.array(weight, np.float32))
 
 
 def ref_pair_frame(window, b, size, round_frame=False):
