@@ -86,7 +86,7 @@ def _child_main(measure: bool, view: int) -> None:
     measured = list(launches)
     for dtype in (torch.float32, torch.float16):  # every kernel and output dtype, tiny
         p = np.repeat(_view_params(colour, np), 4, axis=0)
-        p[:, colour.P_KERNEL] = 3
+        p[:, colour.PARAM_KERNEL] = 3
         out = torch.empty((4, 4, 4, 3), dtype=dtype)
         for shared in (colour.SHARED_BYTES, 0):  # the tiled blur, then the fallback's two passes
             colour.render_views(torch.zeros((4, 4, 4, 3), dtype=torch.uint8), p, out, threads=4, shared=shared)
@@ -110,16 +110,16 @@ def _arg_type(arg) -> list:
 
 
 def _view_params(colour, np):
-    """The representative view's parameter vector [1, P_LEN]."""
-    p = np.zeros((1, colour.P_LEN), np.float32)
-    p[0, colour.P_JITTER] = 1
-    p[0, colour.P_ORDER:colour.P_ORDER + 4] = (0, 1, 2, 3)
-    p[0, colour.P_B:colour.P_H] = (0.8, 1.3, 0.6)
-    p[0, colour.P_H] = 25  # hue 0.1: int32(0.1 * 255) & 255
-    p[0, colour.P_GRAY] = 1
-    p[0, colour.P_SIGMA] = SIGMA
-    p[0, colour.P_KERNEL] = KERNEL
-    p[0, colour.P_SOLARIZE] = 1
+    """The representative view's parameter vector [1, PARAM_LEN]."""
+    p = np.zeros((1, colour.PARAM_LEN), np.float32)
+    p[0, colour.PARAM_JITTER] = 1
+    p[0, colour.PARAM_ORDER:colour.PARAM_ORDER + 4] = (0, 1, 2, 3)
+    p[0, colour.PARAM_BRIGHTNESS:colour.PARAM_HUE] = (0.8, 1.3, 0.6)
+    p[0, colour.PARAM_HUE] = 25  # hue 0.1: int32(0.1 * 255) & 255
+    p[0, colour.PARAM_GRAY] = 1
+    p[0, colour.PARAM_SIGMA] = SIGMA
+    p[0, colour.PARAM_KERNEL] = KERNEL
+    p[0, colour.PARAM_SOLARIZE] = 1
     return p
 
 

@@ -139,19 +139,20 @@ def profile(name, spec, source, batch, batches) -> dict:
     for op, code in OPS.items():
         def one_op(code=code):
             for x, p in zip(tiles, params):
-                if p[colour.P_JITTER] > 0.5 and code in p[colour.P_ORDER:colour.P_ORDER + 4]:
+                if p[colour.PARAM_JITTER] > 0.5 and code in p[colour.PARAM_ORDER:colour.PARAM_ORDER + 4]:
                     q = np.zeros_like(p)
-                    q[colour.P_JITTER], q[colour.P_ORDER:colour.P_ORDER + 4] = 1, colour.SKIP
-                    q[colour.P_ORDER] = code
-                    q[colour.P_B:colour.P_H + 1] = p[colour.P_B:colour.P_H + 1]
+                    q[colour.PARAM_JITTER], q[colour.PARAM_ORDER:colour.PARAM_ORDER + 4] = 1, colour.SKIP
+                    q[colour.PARAM_ORDER] = code
+                    q[colour.PARAM_BRIGHTNESS:colour.PARAM_HUE + 1] = p[colour.PARAM_BRIGHTNESS:colour.PARAM_HUE + 1]
                     colour.augment(np.empty_like(x), x, q)
         out[op] = per_sample(one_op, n)
-    for op, column in (("grayscale", colour.P_GRAY), ("blur", colour.P_SIGMA), ("solarize", colour.P_SOLARIZE)):
+    for op, column in (("grayscale", colour.PARAM_GRAY), ("blur", colour.PARAM_SIGMA),
+                       ("solarize", colour.PARAM_SOLARIZE)):
         def other(column=column):
             for x, p in zip(tiles, params):
                 if p[column] > 0:
                     q = np.zeros_like(p)
-                    q[column], q[colour.P_KERNEL] = p[column], p[colour.P_KERNEL]
+                    q[column], q[colour.PARAM_KERNEL] = p[column], p[colour.PARAM_KERNEL]
                     colour.augment(np.empty_like(x), x, q)
         out[op] = per_sample(other, n)
     copies = per_sample(lambda: [colour.augment(np.empty_like(x), x, np.zeros_like(p)) for x, p in zip(tiles, params)], n)
@@ -187,7 +188,7 @@ def profile_ffcv(name, spec, source, batch, batches) -> dict:
     n = steps * batch
     out["plan"] = per_sample(lambda: [planner.plan(0, s) for s in range(steps)], n)
     plans = [planner.plan(0, s) for s in range(steps)]
-    rows = []  # per plan, per family: float32 [count, B, P_ROW], as the stage receives them
+    rows = []  # per plan, per family: float32 [count, B, ROW_LEN], as the stage receives them
 
     def param_rows():
         rows[:] = [[loader._view_rows(group.plan(plan), group.augs, plan.index) for group in loader._groups]

@@ -48,9 +48,18 @@ from numba import cuda  # the simulator's under NUMBA_ENABLE_CUDASIM=1; kernels 
 
 from .views import MEAN, MOSAIC_FILL, STD
 
-# The per-view parameter vector (float32).
-P_JITTER, P_ORDER, P_B, P_C, P_S, P_H, P_GRAY, P_SIGMA, P_KERNEL, P_SOLARIZE = 0, 1, 5, 6, 7, 8, 9, 10, 11, 12
-P_LEN = 13
+# The per-view parameter vector (float32), by column.
+PARAM_JITTER = 0        # 1: colour jitter applies to this view
+PARAM_ORDER = 1         # 4 columns: the jitter's operations in their drawn order (SKIP: left out)
+PARAM_BRIGHTNESS = 5    # jitter factors
+PARAM_CONTRAST = 6
+PARAM_SATURATION = 7
+PARAM_HUE = 8           # hue shift in PIL's uint8 steps
+PARAM_GRAY = 9          # 1: grayscale
+PARAM_SIGMA = 10        # blur sigma (0: no blur)
+PARAM_KERNEL = 11       # blur kernel size
+PARAM_SOLARIZE = 12     # 1: solarize
+PARAM_LEN = 13
 # An order slot holding SKIP does nothing: ColorJitter leaves out an
 # operation whose strength is 0 (adjust_hue(0) is not the identity in PIL).
 SKIP = 4
@@ -64,20 +73,20 @@ THREADS = 256  # CUDA threads per view (block); the contrast reduction's shared 
 
 
 def view_params(cp, augs, size: int) -> np.ndarray:
-    """float32 [count, B, P_LEN] from a CropPlan; `augs` one AugSpec per view."""
-    p = np.zeros(cp.window.shape[:2] + (P_LEN,), np.float32)
-    p[..., P_JITTER] = cp.jitter
+    """float32 [count, B, PARAM_LEN] from a CropPlan; `augs` one AugSpec per view."""
+    p = np.zeros(cp.window.shape[:2] + (PARAM_LEN,), np.float32)
+    p[..., PARAM_JITTER] = cp.jitter
     strength = np.array([[a.brightness, a.contrast, a.saturation, a.hue] for a in augs], np.float32)  # [count, 4]
     strength = np.broadcast_to(strength[:, None, :], cp.order.shape)
     active = np.take_along_axis(strength, cp.order.astype(np.int64), axis=-1) > 0
-    p[..., P_ORDER:P_ORDER + 4] = np.where(active, cp.order, SKIP)
-    p[..., P_B:P_H] = cp.factors[..., :3]
+    p[..., PARAM_ORDER:PARAM_ORDER + 4] = np.where(active, cp.order, SKIP)
+    p[..., PARAM_BRIGHTNESS:PARAM_HUE] = cp.factors[..., :3]
     # torchvision's PIL hue shift: int32(h * 255) mod 256 steps of H
-    p[..., P_H] = (cp.factors[..., 3].astype(np.float64) * 255).astype(np.int32) & 255
-    p[..., P_GRAY] = cp.gray
-    p[..., P_SIGMA] = cp.sigma
-    p[..., P_KERNEL] = np.array([a.blur_kernel(size) for a in augs], np.float32)[:, None]
-    p[..., P_SOLARIZE] = cp.solarize
+    p[..., PARAM_HUE] = (cp.factors[..., 3].astype(np.float64) * 255).astype(np.int32) & 255
+    p[..., PARAM_GRAY] = cp.gray
+    p[..., PARAM_SIGMA] = cp.sigma
+    p[..., PARAM_KERNEL] = np.array([a.blur_kernel(size) for a in augs], np.float32)[:, None]
+    p[..., PARAM_SOLARIZE] = cp.solarize
     return p
 
 
@@ -338,26 +347,26 @@ def _solarize(x):
 def augment(out, image, p):
     """All that follows the resize, for one view of one sample, as
     pipelines.torchvision.render_view: out = image after colour jitter in
-    the order p[P_ORDER:P_ORDER+4] (0 brightness, 1 contrast, 2 saturation,
-    3 hue, SKIP) when p[P_JITTER], grayscale, blur, solarize.
+    the order p[PARAM_ORDER:PARAM_ORDER+4] (0 brightness, 1 contrast, 2 saturation,
+    3 hue, SKIP) when p[PARAM_JITTER], grayscale, blur, solarize.
     out, image: (H, W, 3) uint8; p: `view_params`."""
     out[:] = image
-    if p[P_JITTER] > 0.5:
+    if p[PARAM_JITTER] > 0.5:
         for k in range(4):
-            op = int(p[P_ORDER + k])
+            op = int(p[PARAM_ORDER + k])
             if op == 0:
-                _brightness(out, p[P_B])
+                _brightness(out, p[PARAM_BRIGHTNESS])
             elif op == 1:
-                _contrast(out, p[P_C])
+                _contrast(out, p[PARAM_CONTRAST])
             elif op == 2:
-                _saturation(out, p[P_S])
+                _saturation(out, p[PARAM_SATURATION])
             elif op == 3:
-                _hue(out, np.int64(p[P_H]))
-    if p[P_GRAY] > 0.5:
+                _hue(out, np.int64(p[PARAM_HUE]))
+    if p[PARAM_GRAY] > 0.5:
         _grayscale(out)
-    if p[P_SIGMA] > 0:
-        blur(out, int(p[P_KERNEL]), p[P_SIGMA])
-    if p[P_SOLARIZE] > 0.5:
+    if p[PARAM_SIGMA] > 0:
+        blur(out, int(p[PARAM_KERNEL]), p[PARAM_SIGMA])
+    if p[PARAM_SOLARIZE] > 0.5:
         _solarize(out)
 
 
@@ -365,7 +374,7 @@ def augment(out, image, p):
 def render(out, image, p):
     """`augment` (skipped, with its copy, when p asks for nothing), then
     normalisation into out: (H, W, 3) float32; image: (H, W, 3) uint8."""
-    if p[P_JITTER] > 0.5 or p[P_GRAY] > 0.5 or p[P_SIGMA] > 0 or p[P_SOLARIZE] > 0.5:
+    if p[PARAM_JITTER] > 0.5 or p[PARAM_GRAY] > 0.5 or p[PARAM_SIGMA] > 0 or p[PARAM_SOLARIZE] > 0.5:
         src = np.empty_like(image)
         augment(src, image, p)
     else:
@@ -383,9 +392,9 @@ def _weight_table(params, width):
     """float32 [N, width]: each view's Gaussian weights (zeros when unblurred)."""
     out = np.zeros((params.shape[0], width), np.float32)
     for n in range(params.shape[0]):
-        if params[n, P_SIGMA] > 0:
-            k = int(params[n, P_KERNEL])
-            out[n, :k] = gaussian(k, params[n, P_SIGMA])
+        if params[n, PARAM_SIGMA] > 0:
+            k = int(params[n, PARAM_KERNEL])
+            out[n, :k] = gaussian(k, params[n, PARAM_SIGMA])
     return out
 
 
@@ -471,9 +480,9 @@ def _device_helpers(device, ops):
     def contrast_slot(p):
         """The slot of contrast in the view's jitter order, -1 when none runs."""
         slot = -1
-        if p[P_JITTER] > 0.5:
+        if p[PARAM_JITTER] > 0.5:
             for k in range(4):
-                if int(p[P_ORDER + k]) == 1:
+                if int(p[PARAM_ORDER + k]) == 1:
                     slot = k
         return slot
 
@@ -481,20 +490,20 @@ def _device_helpers(device, ops):
     def jitter(r, g, b, p, first, last, mean):
         """Jitter slots first..last-1 of view p on one pixel (int64 values)."""
         for k in range(first, last):
-            op = int(p[P_ORDER + k])
+            op = int(p[PARAM_ORDER + k])
             if op == 0:
-                alpha = p[P_B]
+                alpha = p[PARAM_BRIGHTNESS]
                 r, g, b = (np.int64(blend(np.int64(0), r, alpha)), np.int64(blend(np.int64(0), g, alpha)),
                            np.int64(blend(np.int64(0), b, alpha)))
             elif op == 1:
-                alpha = p[P_C]
+                alpha = p[PARAM_CONTRAST]
                 r, g, b = (np.int64(blend(mean, r, alpha)), np.int64(blend(mean, g, alpha)),
                            np.int64(blend(mean, b, alpha)))
             elif op == 2:
-                alpha, lum = p[P_S], luma(r, g, b)
+                alpha, lum = p[PARAM_SATURATION], luma(r, g, b)
                 r, g, b = np.int64(blend(lum, r, alpha)), np.int64(blend(lum, g, alpha)), np.int64(blend(lum, b, alpha))
             elif op == 3:
-                hr, hg, hb = hue(r, g, b, np.int64(p[P_H]))
+                hr, hg, hb = hue(r, g, b, np.int64(p[PARAM_HUE]))
                 r, g, b = np.int64(hr), np.int64(hg), np.int64(hb)
         return r, g, b
 
@@ -537,10 +546,10 @@ def _pixel_kernel(d):
         v = views[cuda.blockIdx.x]
         p = params[v]
         h, w = img.shape[1], img.shape[2]
-        jittered, gray, sol = p[P_JITTER] > 0.5, p[P_GRAY] > 0.5, p[P_SOLARIZE] > 0.5
+        jittered, gray, sol = p[PARAM_JITTER] > 0.5, p[PARAM_GRAY] > 0.5, p[PARAM_SOLARIZE] > 0.5
         first = contrast_slot(p)  # the totals pass runs the slots before it, the colour pass the rest
         mean = centre(totals[v], np.int64(h * w)) if first >= 0 and not totals_pass else np.int64(0)
-        back = first > 0 if totals_pass else p[P_SIGMA] > 0  # pixels written back into img, not out
+        back = first > 0 if totals_pass else p[PARAM_SIGMA] > 0  # pixels written back into img, not out
         first = max(first, 0)
         block = cuda.shared.array(1, numba.int64)
         lead = cuda.threadIdx.x == 0 and cuda.threadIdx.y == 0
@@ -592,7 +601,7 @@ def _blur_kernel(d):
         v = views[i]
         p = params[v]
         h, w = img.shape[1], img.shape[2]
-        k = int(p[P_KERNEL])
+        k = int(p[PARAM_KERNEL])
         r, r_max = k // 2, k_max // 2
         y0, x0 = cuda.blockIdx.y * tile_h, cuda.blockIdx.z * tile_w
         ny, nx = min(tile_h, h - y0), min(tile_w, w - x0)
@@ -619,7 +628,7 @@ def _blur_kernel(d):
                 ubuf[at], ubuf[at + 1], ubuf[at + 2] = img[v, sy, sx, 0], img[v, sy, sx, 1], img[v, sy, sx, 2]
                 xx += bx
             yy += by
-        sol = p[P_SOLARIZE] > 0.5
+        sol = p[PARAM_SOLARIZE] > 0.5
         for along_rows in (True, False):  # the source tile -> float32 rows (halo rows too) -> rounded columns
             cuda.syncthreads()
             yy = ty
@@ -655,9 +664,9 @@ def _blur_pass_kernel(d):
         i = cuda.blockIdx.x
         v = views[i]
         h, w = img.shape[1], img.shape[2]
-        k = int(params[v, P_KERNEL])
+        k = int(params[v, PARAM_KERNEL])
         r = k // 2
-        sol = params[v, P_SOLARIZE] > 0.5
+        sol = params[v, PARAM_SOLARIZE] > 0.5
         y, y1, x_first, x1 = tile_walk(tile, h, w)
         while y < y1:
             x = x_first
@@ -760,7 +769,7 @@ def _cdiv(a: int, b: int) -> int:
 def render_views(tiles: torch.Tensor, params: np.ndarray, out: torch.Tensor, threads: int = THREADS,
                  tile: int = TILE, shared: int = SHARED_BYTES) -> None:
     """Every view of a family at once: tiles uint8 [N, H, W, 3] (resized
-    crops; overwritten), params float32 [N, P_LEN] (`view_params` flattened)
+    crops; overwritten), params float32 [N, PARAM_LEN] (`view_params` flattened)
     -> out [N, H, W, 3], normalised, float32 or float16. One pinned H2D copy
     of the parameters, blur weights and view lists (built here: the host has
     the parameters), then three launches on torch's current stream (four
@@ -770,7 +779,7 @@ def render_views(tiles: torch.Tensor, params: np.ndarray, out: torch.Tensor, thr
     if out.dtype not in (torch.float32, torch.float16):
         raise ValueError(f"colour: the kernel writes float32 or float16, not {out.dtype}")
     n, h, w, c = tiles.shape
-    if tiles.dtype != torch.uint8 or c != 3 or out.shape != tiles.shape or params.shape != (n, P_LEN):
+    if tiles.dtype != torch.uint8 or c != 3 or out.shape != tiles.shape or params.shape != (n, PARAM_LEN):
         raise ValueError(f"colour: tiles {tuple(tiles.shape)} {tiles.dtype}, params {params.shape}, "
                          f"out {tuple(out.shape)} do not fit together")
     if not 1 <= threads <= 1024 or threads > 32 and threads % 32:
@@ -778,19 +787,19 @@ def render_views(tiles: torch.Tensor, params: np.ndarray, out: torch.Tensor, thr
     if n == 0:
         return
     params = np.ascontiguousarray(params, np.float32)
-    jittered = params[:, P_JITTER] > 0.5
-    contrast = np.flatnonzero(jittered & (params[:, P_ORDER:P_ORDER + 4] == 1).any(axis=1)).astype(np.int32)
-    blurred = np.flatnonzero(params[:, P_SIGMA] > 0).astype(np.int32)
-    k_max = int(params[blurred, P_KERNEL].max()) if len(blurred) else 1
-    # one float32 upload: params [n, P_LEN], weights [blurred, k_max], then the view lists as int32
+    jittered = params[:, PARAM_JITTER] > 0.5
+    contrast = np.flatnonzero(jittered & (params[:, PARAM_ORDER:PARAM_ORDER + 4] == 1).any(axis=1)).astype(np.int32)
+    blurred = np.flatnonzero(params[:, PARAM_SIGMA] > 0).astype(np.int32)
+    k_max = int(params[blurred, PARAM_KERNEL].max()) if len(blurred) else 1
+    # one float32 upload: params [n, PARAM_LEN], weights [blurred, k_max], then the view lists as int32
     lists = [contrast, np.arange(n, dtype=np.int32), blurred]
     host = np.concatenate([params.reshape(-1), _weight_table(params[blurred], k_max).reshape(-1)]
                           + [views.view(np.float32) for views in lists])
     packed = torch.from_numpy(host)
     if tiles.is_cuda:
         packed = packed.pin_memory().to(tiles.device, non_blocking=True)
-    at = np.cumsum([0, n * P_LEN, len(blurred) * k_max] + [len(views) for views in lists])
-    dev_params = packed[at[0]:at[1]].view(n, P_LEN)
+    at = np.cumsum([0, n * PARAM_LEN, len(blurred) * k_max] + [len(views) for views in lists])
+    dev_params = packed[at[0]:at[1]].view(n, PARAM_LEN)
     dev_weights = packed[at[1]:at[2]].view(len(blurred), k_max)
     dev_contrast, dev_all, dev_blurred = (packed[at[i]:at[i + 1]].view(torch.int32) for i in (2, 3, 4))
     scale, shift = tuple(np.float32(x) for x in NORM_SCALE), tuple(np.float32(x) for x in NORM_SHIFT)
@@ -850,7 +859,7 @@ def render_group(family, plan, tiles: torch.Tensor, dtype: torch.dtype, threads:
     # the kernels write float32 or float16; bfloat16 takes one conversion pass after them
     kernel_dtype = dtype if dtype in (torch.float32, torch.float16) else torch.float32
     out = torch.empty((n, batch, s, s, 3), dtype=kernel_dtype, device=tiles.device)
-    params = view_params(family.plan(plan), family.augs, s).reshape(n * batch, P_LEN)
+    params = view_params(family.plan(plan), family.augs, s).reshape(n * batch, PARAM_LEN)
     render_views(tiles.view(n * batch, s, s, 3), params, out.view(n * batch, s, s, 3), threads, tile)
     if family.kind == "mosaic":
         canvas = torch.empty((batch, family.out_size, family.out_size, 3), dtype=kernel_dtype, device=tiles.device)

@@ -247,7 +247,7 @@ def _run(out_ptr, out_shapes_ptr, out_ndims_ptr, num_outs, in_ptr, in_shapes_ptr
     shape = numba.carray(colour.void_ptr(shapes[0]), 3, dtype=np.int64)
     image = numba.carray(colour.void_ptr(ins[0]), (shape[0], shape[1], shape[2]), dtype=np.uint8)
     out = numba.carray(colour.void_ptr(outs[0]), (shape[0], shape[1], shape[2]), dtype=np.float32)
-    colour.render(out, image, numba.carray(colour.void_ptr(ins[1]), colour.P_LEN, dtype=np.float32))
+    colour.render(out, image, numba.carray(colour.void_ptr(ins[1]), colour.PARAM_LEN, dtype=np.float32))
 
 
 def _setup(out_shapes_ptr, out_ndims_ptr, num_outs, in_shapes_ptr, in_ndims_ptr, num_ins, num_samples):

@@ -156,7 +156,7 @@ def resized_crop(image, top, left, height, width, out, flip):
 # One float32 row per view: the window in decoded pixels, the decoded image's
 # size, the flip, then pipelines/colour.py's vector (colour.view_params).
 ROW_TOP, ROW_LEFT, ROW_HEIGHT, ROW_WIDTH, ROW_IMAGE_HEIGHT, ROW_IMAGE_WIDTH, ROW_FLIP, ROW_COLOUR = range(8)
-ROW_LEN = ROW_COLOUR + colour.P_LEN
+ROW_LEN = ROW_COLOUR + colour.PARAM_LEN
 # Per tile of a canvas: source image (batch index), its crop, then the paste (sy, sx, h, w, dy, dx).
 PASTE_ROW_LEN = 8
 

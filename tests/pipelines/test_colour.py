@@ -85,7 +85,7 @@ def test_an_operation_of_zero_strength_is_left_out():
                              sigma=np.zeros_like(cp.sigma), solarize=np.zeros_like(cp.solarize),
                              factors=cp.factors * np.array([1, 1, 1, 0], np.float32))
     params = colour.view_params(cp, cp.augs, size)
-    assert (params[..., colour.P_ORDER:colour.P_ORDER + 4] == colour.SKIP).sum(-1).tolist() == [[1] * 6]
+    assert (params[..., colour.PARAM_ORDER:colour.PARAM_ORDER + 4] == colour.SKIP).sum(-1).tolist() == [[1] * 6]
     for b in range(6):
         want = render_view(Image.fromarray(image), cp, 0, b)
         got = np.empty_like(image)
@@ -143,7 +143,7 @@ def test_kernel_is_the_cpu_operator_bit_for_bit(out_dtype):
     count, batch, size = 2, 4, 10
     cp = random_plan(rng, count, batch, size, (MOCOV2_AUG, dataclasses.replace(MOCOV2_AUG, blur_kernel_frac=0.5)))
     cp = dataclasses.replace(cp, sigma=np.where(rng.random((count, batch)) < 0.5, cp.sigma, 1.3).astype(np.float32))
-    params = colour.view_params(cp, cp.augs, size).reshape(count * batch, colour.P_LEN)
+    params = colour.view_params(cp, cp.augs, size).reshape(count * batch, colour.PARAM_LEN)
     images = np.stack([photo(rng, size, size) for _ in range(count * batch)])
     tiles = torch.from_numpy(images.copy()).to(DEVICE)
     out = torch.empty(tiles.shape, dtype=out_dtype, device=DEVICE)
@@ -158,17 +158,17 @@ def mixed_params(rng, n, kernels) -> np.ndarray:
     """n views' parameters: jitter in a random order with contrast in every
     slot in turn (view i: slot i % 4), view 4j+3 without jitter; grayscale
     and solarize at random; blur with kernels[i] (0: unblurred)."""
-    p = np.zeros((n, colour.P_LEN), np.float32)
+    p = np.zeros((n, colour.PARAM_LEN), np.float32)
     for i in range(n):
         others = rng.permutation([0, 2, 3]).tolist()
-        p[i, colour.P_ORDER:colour.P_ORDER + 4] = others[:i % 4] + [1] + others[i % 4:]
-    p[:, colour.P_JITTER] = np.arange(n) % 8 != 7
-    p[:, colour.P_B:colour.P_H] = rng.uniform(0.2, 1.8, (n, 3))
-    p[:, colour.P_H] = rng.integers(0, 256, n)
-    p[:, colour.P_GRAY] = rng.random(n) < 0.3
-    p[:, colour.P_SOLARIZE] = rng.random(n) < 0.5
-    p[:, colour.P_KERNEL] = np.maximum(kernels, 3)
-    p[:, colour.P_SIGMA] = np.where(np.asarray(kernels) > 0, rng.uniform(0.3, 2.5, n), 0)
+        p[i, colour.PARAM_ORDER:colour.PARAM_ORDER + 4] = others[:i % 4] + [1] + others[i % 4:]
+    p[:, colour.PARAM_JITTER] = np.arange(n) % 8 != 7
+    p[:, colour.PARAM_BRIGHTNESS:colour.PARAM_HUE] = rng.uniform(0.2, 1.8, (n, 3))
+    p[:, colour.PARAM_HUE] = rng.integers(0, 256, n)
+    p[:, colour.PARAM_GRAY] = rng.random(n) < 0.3
+    p[:, colour.PARAM_SOLARIZE] = rng.random(n) < 0.5
+    p[:, colour.PARAM_KERNEL] = np.maximum(kernels, 3)
+    p[:, colour.PARAM_SIGMA] = np.where(np.asarray(kernels) > 0, rng.uniform(0.3, 2.5, n), 0)
     return p
 
 
@@ -328,7 +328,7 @@ def test_bfloat16_views_are_the_float32_views_rounded(tmp_path):
 @kernels
 def test_mismatched_buffers_are_refused():
     tiles = torch.zeros((2, 4, 4, 3), dtype=torch.uint8)
-    params = np.zeros((2, colour.P_LEN), np.float32)
+    params = np.zeros((2, colour.PARAM_LEN), np.float32)
     with pytest.raises(ValueError, match="do not fit"):
         colour.render_views(tiles, params, torch.empty((2, 4, 5, 3)))
     with pytest.raises(ValueError, match="float32 or float16"):
