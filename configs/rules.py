@@ -162,6 +162,7 @@ RULES = [
     count("knn", 1),
     count("num_clusters", 1),
     count("kmeans_iters", 1),
+    number("neighbour_memory_gb", 0, low_open=True),
     # ---- the views
     count("image_size", 8),
     number("crop_min_scale", 0, 1, low_open=True),

@@ -19,6 +19,9 @@ negatives, InfoNCE at T = 0.2; mocov2.py). On top:
    its cluster centre than the image itself (and, same_cluster, in its
    cluster) and draw one at random; -1 for none. The table and the epoch
    it was made for are checkpointed, so a resumed run plans as before.
+   Both search exactly, by GEMM, a chunk of rows against all at a time,
+   the chunk sized so their extra memory stays within neighbour_memory_gb
+   (kmeans_bytes, neighbour_bytes; issue 25).
 3. The planner takes the table as an input array: every step's plan
    appends, to the B anchors, the B images the table names for them, and
    the pipeline renders them like any other row (ViewSpec.neighbours).
@@ -39,8 +42,8 @@ mix_weight and multires_sizes are our choices, flags in configs/clim.yaml.
 
 cfg keys: arch, small_stem, image_size, crop_min_scale, temperature,
 queue_size, proj_dim, proj_hidden, ema, shuffle_bn, bn_splits, seed, knn,
-num_clusters, same_cluster, kmeans_iters, mix_alpha, mix_weight,
-multires_sizes.
+num_clusters, same_cluster, kmeans_iters, neighbour_memory_gb, mix_alpha,
+mix_weight, multires_sizes.
 """
 from __future__ import annotations
 
@@ -57,11 +60,64 @@ from ..heads import MLP
 from .mocov2 import shuffle_bn_from
 
 
+# ----------------------------------------------------------------------------- memory budget
+# The neighbour search and k-means compare chunk rows against all rows at a
+# time; the chunk is the most rows whose temporaries fit the budget (issue 25:
+# a fixed 4096-row chunk at N = 1.28M took 21 GB). Each size below is
+# (fixed bytes, bytes per chunk row), counted from the code of the function
+# it sizes, float32 values and int64 indices; GB = 1e9 bytes.
+GB = 1e9
+
+
+def chunk_rows(budget_bytes: float, fixed: int, per_row: int, rows: int) -> int:
+    """The most rows r in [1, rows] with fixed + r * per_row <= budget_bytes;
+    1 when even that does not fit (the search cannot use less)."""
+    return int(min(rows, max(1, (budget_bytes - fixed) // per_row)))
+
+
+def kmeans_bytes(n: int, d: int, k: int, itemsize: int = 4) -> tuple[int, int]:
+    """Extra bytes of kmeans on x [n, d] of itemsize-byte values with k
+    centres: (fixed, per chunk row)."""
+    fixed = ((4 * n * d if itemsize != 4 else 0)  # x.float() of a float16 bank
+             + 4 * n * d + 8 * n    # F.normalize's copy of x and its row norms
+             + 8 * n                # randperm for the starting centres
+             + 2 * 8 * n            # assign: the chunks' argmaxes, then their cat
+             + 4 * 4 * k * d        # sums, F.normalize(sums), torch.where's new centres, the old ones
+             + 2 * 8 * k)           # counts, the norms of sums
+    per_row = 4 * k + 8             # the chunk x k similarity block, its argmax
+    return fixed, per_row
+
+
+def neighbour_bytes(n: int, m: int, d: int, kk: int, k: int, threads: int,
+                    itemsize: int = 4) -> tuple[int, int]:
+    """Extra bytes of bank_neighbours on a bank of n rows of itemsize-byte
+    values, m of them filled, d wide, top-kk, k centres, `threads` CPU
+    threads (1 on a GPU): (fixed, per chunk row)."""
+    fixed = (8 * n                  # the table (the output)
+             + (itemsize * m * d if itemsize != 4 else 0)  # feats[rows] of a float16 bank, before .float()
+             + 4 * m * d + 8 * m    # f = feats[rows].float(), rows
+             + 2 * 8 * m            # assign: the chunks' argmaxes, then their cat
+             + 2 * 8 * m            # picks, then their cat
+             + 16 * m * threads)    # topk's per-row (value, index) queue of m pairs per thread (ATen TopKImpl.h)
+    per_row = (4 * max(m, k)        # the chunk x m similarity block (chunk x k for the assignment)
+               + 12 * kk            # topk's values and indices
+               + 4 * d * 4          # f[own], centres[assign[own]], their difference (d_anchor), spare
+               + 2 * 4 * kk * d     # f[cand] and f[cand] - c: chunk x kk x d each
+               + 4 * kk             # their norms
+               + 8 * kk + 3 * kk    # assign[cand]; the masks ok, ==, ~ok
+               + 3 * 4 * kk         # the random draws, on the device, masked_fill's copy
+               + 12 * 8)            # row vectors: own, arange, assign[own], d_anchor, argmax, gather, where, ...
+    return fixed, per_row
+
+
 @torch.no_grad()
 def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | None = None,
-           chunk: int = 65536) -> torch.Tensor:
+           chunk: int | None = None, memory_gb: float = 2.0) -> torch.Tensor:
     """Spherical k-means of unit rows x [N, D] -> unit centres [k, D]; starts
-    from k distinct random rows; an empty cluster keeps its centre."""
+    from k distinct random rows; an empty cluster keeps its centre. Rows are
+    assigned `chunk` at a time, by default as many as memory_gb allows
+    (kmeans_bytes); the centres do not depend on the chunk."""
+    chunk = chunk or chunk_rows(memory_gb * GB, *kmeans_bytes(*x.shape, k, x.element_size()), x.shape[0])
     x = F.normalize(x.float(), dim=1)
     centres = x[torch.randperm(x.shape[0], generator=generator, device="cpu")[:k].to(x.device)].clone()
     for _ in range(iters):
@@ -75,30 +131,40 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | Non
 @torch.no_grad()
 def bank_neighbours(feats: torch.Tensor, filled: torch.Tensor, centres: torch.Tensor, knn: int,
                     same_cluster: bool = True, generator: torch.Generator | None = None,
-                    chunk: int = 4096) -> torch.Tensor:
+                    chunk: int | None = None, memory_gb: float = 2.0) -> torch.Tensor:
     """Center-wise local selection over the memory bank. feats [N, D] unit
     rows, of which only those with filled [N] are searched; centres [K, D]
     unit rows. Returns table [N] int64: for each filled row i, a randomly
     drawn row j among i's `knn` nearest filled rows (cosine, j != i) with
     |f_j - c_i| < |f_i - c_i| for the centre c_i of i's cluster (and, with
-    same_cluster, in that cluster); -1 where there is none or i is empty."""
+    same_cluster, in that cluster); -1 where there is none or i is empty.
+    Exact search, `chunk` anchors at a time against all M filled rows, by
+    default as many as memory_gb allows (neighbour_bytes). The table does
+    not depend on the chunk: each anchor's draws are the next kk uniforms of
+    `generator` in row order, and the CPU generator's stream does not depend
+    on how it is split."""
     table = torch.full((feats.shape[0],), -1, dtype=torch.long, device=feats.device)
     rows = filled.nonzero().squeeze(1)                                       # M filled rows
     kk = min(knn, rows.numel() - 1)
     if kk < 1 or centres.shape[0] == 0:
         return table
+    threads = torch.get_num_threads() if feats.device.type == "cpu" else 1
+    sizes = neighbour_bytes(feats.shape[0], rows.numel(), feats.shape[1], kk, centres.shape[0], threads,
+                            feats.element_size())
+    chunk = chunk or chunk_rows(memory_gb * GB, *sizes, rows.numel())
     with torch.autocast(feats.device.type, enabled=False):  # float32 distances, whatever the AMP setting
         f, centres = feats[rows].float(), centres.float()                    # M x D
         assign = torch.cat([(c @ centres.T).argmax(1) for c in f.split(chunk)])  # M
-        d_anchor = (f - centres[assign]).norm(dim=1)                         # M
         picks = []
         for start in range(0, f.shape[0], chunk):                            # M x M similarities, chunk rows at a time
             own = torch.arange(start, min(start + chunk, f.shape[0]), device=f.device)
             sim = f[own] @ f.T
             sim[torch.arange(len(own), device=f.device), own] = float("-inf")
             cand = sim.topk(kk, dim=1).indices                               # chunk x kk, nearest first
+            del sim                                                          # before the next chunk's block
             c = centres[assign[own]]                                         # chunk x D
-            ok = (f[cand] - c[:, None]).norm(dim=2) < d_anchor[own, None]
+            d_anchor = (f[own] - c).norm(dim=1)                              # chunk
+            ok = (f[cand] - c[:, None]).norm(dim=2) < d_anchor[:, None]
             if same_cluster:
                 ok &= assign[cand] == assign[own, None]
             r = torch.rand(len(own), kk, generator=generator).to(f.device).masked_fill(~ok, -1.0)
@@ -176,6 +242,7 @@ class CLIM(Method):
         self.temperature, self.ema = cfg.temperature, cfg.ema
         self.knn, self.num_clusters, self.same_cluster = cfg.knn, cfg.num_clusters, cfg.same_cluster
         self.kmeans_iters, self.mix_alpha, self.mix_weight = cfg.kmeans_iters, cfg.mix_alpha, cfg.mix_weight
+        self.neighbour_memory_gb = float(getattr(cfg, "neighbour_memory_gb", 2.0))
         self.families, self.seed = self.multires_families(cfg), int(getattr(cfg, "seed", 0))
         self.backbone = build_backbone(cfg.arch, cfg.small_stem)
         self.projector = MLP(self.backbone.out_dim, cfg.proj_hidden or self.backbone.out_dim, cfg.proj_dim, bn=False)
@@ -235,16 +302,17 @@ class CLIM(Method):
         bank_neighbours), kept for the epoch, so a run resumed mid-epoch
         gets the table its plans were made with. Every rank makes the same."""
         if epoch != self._table_epoch:
-            x = self.memory.float()
             rows = int(self.filled.sum())
             if rows == 0:
                 self.neighbours = torch.full_like(self.filled, -1, dtype=torch.long)
             else:
                 g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-                with torch.autocast(x.device.type, enabled=False):
-                    self.centres = kmeans(x[self.filled], min(self.num_clusters, max(1, rows // 10)),
-                                          self.kmeans_iters, g)
-                self.neighbours = bank_neighbours(x, self.filled, self.centres, self.knn, self.same_cluster, g)
+                # both take the float16 bank and cast the rows they search, within the budget
+                with torch.autocast(self.memory.device.type, enabled=False):
+                    self.centres = kmeans(self.memory[self.filled], min(self.num_clusters, max(1, rows // 10)),
+                                          self.kmeans_iters, g, memory_gb=self.neighbour_memory_gb)
+                self.neighbours = bank_neighbours(self.memory, self.filled, self.centres, self.knn, self.same_cluster,
+                                                  g, memory_gb=self.neighbour_memory_gb)
             self._table_epoch = epoch
         return self.neighbours.cpu().numpy()
 
