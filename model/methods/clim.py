@@ -67,6 +67,10 @@ from .mocov2 import shuffle_bn_from
 # (fixed bytes, bytes per chunk row), counted from the code of the function
 # it sizes, float32 values and int64 indices; GB = 1e9 bytes.
 GB = 1e9
+# Beyond the counted tensors: the allocator's free lists and arenas, BLAS's
+# buffers, code first run. On 2 CPU threads the RSS peak went up to 57 MB
+# above the counted terms (bench/clim_search.py, N = 20k-100k); 128 MiB spare.
+WORKSPACE_BYTES = 128 * 2**20
 
 
 def chunk_rows(budget_bytes: float, fixed: int, per_row: int, rows: int) -> int:
@@ -83,7 +87,8 @@ def kmeans_bytes(n: int, d: int, k: int, itemsize: int = 4) -> tuple[int, int]:
              + 8 * n                # randperm for the starting centres
              + 2 * 8 * n            # assign: the chunks' argmaxes, then their cat
              + 4 * 4 * k * d        # sums, F.normalize(sums), torch.where's new centres, the old ones
-             + 2 * 8 * k)           # counts, the norms of sums
+             + 2 * 8 * k            # counts, the norms of sums
+             + WORKSPACE_BYTES)
     per_row = 4 * k + 8             # the chunk x k similarity block, its argmax
     return fixed, per_row
 
@@ -98,7 +103,8 @@ def neighbour_bytes(n: int, m: int, d: int, kk: int, k: int, threads: int,
              + 4 * m * d + 8 * m    # f = feats[rows].float(), rows
              + 2 * 8 * m            # assign: the chunks' argmaxes, then their cat
              + 2 * 8 * m            # picks, then their cat
-             + 16 * m * threads)    # topk's per-row (value, index) queue of m pairs per thread (ATen TopKImpl.h)
+             + 16 * m * threads     # topk's per-row (value, index) queue of m pairs per thread (ATen TopKImpl.h)
+             + WORKSPACE_BYTES)
     per_row = (4 * max(m, k)        # the chunk x m similarity block (chunk x k for the assignment)
                + 12 * kk            # topk's values and indices
                + 4 * d * 4          # f[own], centres[assign[own]], their difference (d_anchor), spare

@@ -64,13 +64,15 @@ def test_the_neighbour_table_does_not_depend_on_the_chunk(seed, n, k, knn, same,
         assert torch.equal(table, whole), c
 
 
-@pytest.mark.parametrize("budget_bytes", [2e9, 60_000, 20_000, 1])
-def test_a_small_budget_shrinks_the_neighbour_chunk_and_keeps_the_table(budget_bytes):
+@pytest.mark.parametrize("room", [None, 9, 1, 0])
+def test_a_small_budget_shrinks_the_neighbour_chunk_and_keeps_the_table(room):
+    """A budget with room for `room` chunk rows beyond the fixed part (None:
+    the default 2 GB) searches that many anchors at a time (at least one)."""
     feats, filled, centres = bank(3, 300, 4, 10)
     m, threads = int(filled.sum()), torch.get_num_threads()
     fixed, per_row = neighbour_bytes(300, m, 8, 5, 4, threads)
-    chunk = chunk_rows(budget_bytes, fixed, per_row, m)
-    assert (chunk == m) == (budget_bytes == 2e9) and (budget_bytes != 1 or chunk == 1)
+    budget_bytes = 2 * GB if room is None else fixed + room * per_row
+    assert chunk_rows(budget_bytes, fixed, per_row, m) == (m if room is None else max(room, 1))
     whole = bank_neighbours(feats, filled, centres, 5, True, torch.Generator().manual_seed(0), chunk=m)
     table = bank_neighbours(feats, filled, centres, 5, True, torch.Generator().manual_seed(0),
                             memory_gb=budget_bytes / GB)
