@@ -68,8 +68,9 @@ from .mocov2 import shuffle_bn_from
 # it sizes, float32 values and int64 indices; GB = 1e9 bytes.
 GB = 1e9
 # Beyond the counted tensors: the allocator's free lists and arenas, BLAS's
-# buffers, code first run. On 2 CPU threads the RSS peak went up to 57 MB
-# above the counted terms (bench/clim_search.py, N = 20k-100k); 128 MiB spare.
+# buffers, code first run. On 2 shared CPU threads the RSS peak of the search
+# ran up to 79 MB above the counted terms, once 153 MB (bench/clim_search.py,
+# N = 20k-100k, three runs); 128 MiB is the spare we count.
 WORKSPACE_BYTES = 128 * 2**20
 
 
