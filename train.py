@@ -52,7 +52,7 @@ from model import checkpoints, curves, evaluation, faults, sheets  # noqa: E402
 from model.distributed import (LaunchError, StopVote, init_distributed, is_main, log,  # noqa: E402
                                parameter_digest, summed_over_ranks)
 from model.methods import METHODS  # noqa: E402
-from model.optim import build_optimizer, cosine_schedule, schedule_steps  # noqa: E402
+from model.optim import build_optimizer, cosine_schedule, scaled_lr, schedule_steps  # noqa: E402
 from model.precision import resolve_amp  # noqa: E402
 from model.runlog import RunLog  # noqa: E402
 from model.step import TrainStep, WaitClock  # noqa: E402
@@ -207,7 +207,7 @@ def build_training(run: RunSetup, model: torch.nn.Module, loader) -> Training:
             raise UserError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); "
                             "drop it on the CPU")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    lr = cfg.lr * cfg.batch_size / 256  # linear scaling rule (Goyal et al. 2017)
+    lr = scaled_lr(cfg.lr, cfg.batch_size)
     optimizer = build_optimizer(cfg, model, lr)
     total_steps, warmup_steps = schedule_steps(cfg.epochs, len(loader), cfg.warmup_epochs, cfg.max_steps)
     scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.amp == "fp16")

@@ -19,7 +19,7 @@ import torch
 import pipelines
 from bench.specs import pixels_per_sample, views_per_sample
 from model import evaluation
-from model.optim import build_optimizer
+from model.optim import build_optimizer, scaled_lr
 from model.step import TrainStep, WaitClock
 
 # Host memory is "flat" when it grows by at most this much from the end of epoch 2 to the last.
@@ -146,7 +146,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = method_cls(cfg).to(device, memory_format=torch.channels_last)
         self.model.train()
-        lr = getattr(cfg, "lr", 0.03) * cfg.batch_size / 256  # train.py's linear scaling rule
+        lr = scaled_lr(getattr(cfg, "lr", 0.03), cfg.batch_size)
         optimizer = build_optimizer(cfg, self.model, lr)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.train_step = TrainStep(self.model, optimizer, scaler, evaluation.autocast(device, cfg.amp),

@@ -67,6 +67,11 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+def scaled_lr(base_lr: float, batch_size: int) -> float:
+    """The linear scaling rule (Goyal et al. 2017, Sec. 2.1): a yaml's lr is for batch 256."""
+    return base_lr * batch_size / 256
+
+
 def build_optimizer(cfg, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     """cfg.optimizer 'sgd': SGD with cfg.momentum, weight decay on every
     parameter (MoCo). 'lars': LARS, 1-d parameters in a group without weight
