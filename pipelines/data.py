@@ -18,12 +18,23 @@ Where a source comes from (`open_source(data)`):
 - a `.txt` file list: `path [label]` per line.
 
 The index (path, size, mtime, width, height, usable) of every source is
-built once from image headers and cached under `cache_root()/index/`;
-reopening an unchanged source costs one stat per file, and a changed one
-re-reads only the files whose size or mtime changed. Files that would stop
-a DALI pipeline (empty, not an image, truncated JPEG, corrupt PNG) are found
-here and left out, with one warning line (the probing and the cache file:
-pipelines/index.py).
+built once from image headers and cached under `cache_root()/index/`. A
+folder's index also records every directory the walk visited with its
+mtime. Reopening a folder stats those directories only (about 1,000 for
+ImageNet's 1.28M files): when none changed, no entry was added, removed or
+renamed anywhere, and the cached list is taken without a walk or a stat of
+any file. When one changed, the folder is walked again (one stat per file)
+and only the files whose size or mtime changed have their headers re-read.
+A file rewritten in place under the same name leaves its directory's mtime
+alone, so it is not noticed at reopen unless `recheck=True`
+(train.py's `--recheck-data`), which walks and stats every file as the
+first open does. It cannot stop a run either way: every pipeline checks
+each file as it reads it (`read_checked`) and replaces one that no longer
+matches its index, and counts it. A file list (.txt) keeps one stat per
+listed file at every open (its files may lie anywhere). Files that would
+stop a DALI pipeline (empty, not an image, truncated JPEG, corrupt PNG) are
+found here and left out, with one warning line (the walk, the probing and
+the cache file: pipelines/index.py).
 """
 from __future__ import annotations
 
@@ -46,15 +57,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .index import (EXIF_ORIENTATION, TRANSPOSED_ORIENTATIONS, join_paths, load_index, probe_all, probe_bytes,
-                    save_index, split_paths)
+from .index import (EXIF_ORIENTATION, IMAGE_EXTENSIONS, TRANSPOSED_ORIENTATIONS, folder_unchanged, join_paths,
+                    load_index, probe_all, probe_bytes, save_index, split_paths, stat_listed, walk_folder)
 
 
 class DataError(ValueError):
     """Bad input: the message is shown to the user as-is (exit code 2)."""
 
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 FILE_LIST_EXTENSIONS = frozenset({".txt", ".lst"})
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -165,18 +175,22 @@ def cache_root(cache_dir: Optional[str] = None) -> pathlib.Path:
 
 
 def open_source(data: Optional[str], split: str = "train", cache_dir: Optional[str] = None,
-                progress: bool = True) -> Optional[Source]:
-    """The `split` ('train' or 'test') of `data`, or None when `data` has no such split."""
+                progress: bool = True, recheck: bool = False) -> Optional[Source]:
+    """The `split` ('train' or 'test') of `data`, or None when `data` has no such split.
+
+    `recheck`: stat every file of a folder even when no directory changed,
+    and re-read the headers of those whose size or mtime changed (the
+    module's docstring says when that matters)."""
     split = {"val": "test"}.get(split, split)
     if split not in ("train", "test"):
         raise DataError(f"unknown split {split!r}: use 'train' or 'test'")
     if data is None or data == "sample":
-        return _open_sample(split, cache_dir, progress)
+        return _open_sample(split, cache_dir, progress, recheck)
     if data == "fashion-mnist":
-        return _open_fashion_mnist(split, cache_dir, progress)
+        return _open_fashion_mnist(split, cache_dir, progress, recheck)
     path = os.path.abspath(os.path.expanduser(str(data)))
     if os.path.isdir(path):
-        return _open_image_folder(str(data), path, split, cache_dir, progress)
+        return _open_image_folder(str(data), path, split, cache_dir, progress, recheck)
     if os.path.isfile(path):
         if os.path.splitext(path)[1].lower() not in FILE_LIST_EXTENSIONS:
             raise DataError(f"{data}: expected a directory of images or a .txt file list "
@@ -188,7 +202,7 @@ def open_source(data: Optional[str], split: str = "train", cache_dir: Optional[s
 
 # ---------------------------------------------------------------- directories
 
-def _open_image_folder(name: str, root: str, split: str, cache_dir, progress) -> Optional[Source]:
+def _open_image_folder(name: str, root: str, split: str, cache_dir, progress, recheck) -> Optional[Source]:
     """An ImageFolder, or a folder holding train/ and val/ (or test/) ImageFolders."""
     train_dir = os.path.join(root, "train")
     test_dir = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
@@ -207,20 +221,33 @@ def _open_image_folder(name: str, root: str, split: str, cache_dir, progress) ->
     split_dir = split_dirs[split]
     if labelled[split]:
         label_of = {c: k for k, c in enumerate(classes)}
-        paths, labels = [], []
-        for class_name in _class_dirs(split_dir):
-            found = _walk_images(os.path.join(split_dir, class_name))
-            paths += found
-            labels += [label_of[class_name]] * len(found)
+        groups = _class_dirs(split_dir)
+        group_labels = [label_of[c] for c in groups]
     else:
-        classes = []
-        paths = _walk_images(split_dir)
-        labels = [-1] * len(paths)
-    if not paths:
-        raise DataError(f"{_shown(name, split_dir, root)}: no images found; expected class subfolders of images "
+        classes, groups, group_labels = [], ["."], [-1]
+    return _index_folder(name, split, _shown(name, split_dir, root), split_dir, groups, group_labels, classes,
+                         cache_dir, progress, recheck)
+
+
+def _index_folder(name: str, split: str, shown: str, split_dir: str, groups: list, group_labels: list,
+                  classes: list, cache_dir, progress, recheck: bool) -> Source:
+    """The Source of the image files under split_dir/<group> for each group
+    (label group_labels[k]): the cached list when no directory of the last
+    walk changed (and not `recheck`), else a walk and `index_source`."""
+    group_labels = np.asarray(group_labels, dtype=np.int64)
+    cache_file = _cache_file(cache_dir, ("dir", split_dir))
+    cached = load_index(cache_file)
+    if (not recheck and cached is not None and cached["group_names"].tobytes() == join_paths(groups)
+            and folder_unchanged(cached)):
+        return _source(name, split, shown, cached["paths"].tobytes(), group_labels[cached["groups"]], classes,
+                       {k: cached[k] for k in ("sizes", "mtimes", "widths", "heights")})
+    walked = walk_folder(split_dir, groups)
+    if not walked["paths"]:
+        raise DataError(f"{shown}: no images found; expected class subfolders of images "
                         f"or images directly in it ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return index_source(name, split, _shown(name, split_dir, root), ("dir", split_dir), paths,
-                         np.asarray(labels, dtype=np.int64), classes, cache_dir, progress)
+    walked["group_names"], walked["dirs"] = join_paths(groups), join_paths(walked["dirs"])
+    return index_source(name, split, shown, ("dir", split_dir), walked.pop("paths"),
+                        group_labels[walked["groups"]], classes, cache_dir, progress, walked=walked, cached=cached)
 
 
 def _shown(name: str, split_dir: str, root: str) -> str:
@@ -228,8 +255,8 @@ def _shown(name: str, split_dir: str, root: str) -> str:
     return name if split_dir == root else os.path.join(name, os.path.basename(split_dir))
 
 
-def _visible(entry: os.DirEntry) -> bool:
-    return not entry.name.startswith(".")  # .ipynb_checkpoints, .DS_Store, our own temporaries
+def _visible(entry: os.DirEntry) -> bool:  # as walk_folder: no .ipynb_checkpoints, .DS_Store, our temporaries
+    return not entry.name.startswith(".")
 
 
 def _is_image_file(entry: os.DirEntry) -> bool:
@@ -244,24 +271,6 @@ def _has_top_level_images(directory: str) -> bool:
 def _class_dirs(directory: str) -> list:
     with os.scandir(directory) as entries:
         return sorted(e.name for e in entries if _visible(e) and e.is_dir())
-
-
-def _walk_images(directory: str, _seen: Optional[set] = None) -> list:
-    """Image files under `directory`, depth first in name order (symlinks followed once)."""
-    seen = set() if _seen is None else _seen
-    real = os.path.realpath(directory)
-    if real in seen:
-        return []
-    seen.add(real)
-    with os.scandir(directory) as it:
-        entries = sorted((e for e in it if _visible(e)), key=lambda e: e.name)
-    found = []
-    for entry in entries:
-        if entry.is_dir():
-            found += _walk_images(entry.path, seen)
-        elif _is_image_file(entry):
-            found.append(os.path.abspath(entry.path))
-    return found
 
 
 # ---------------------------------------------------------------- file lists
@@ -304,7 +313,7 @@ def read_idx(path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def _open_sample(split: str, cache_dir, progress) -> Source:
+def _open_sample(split: str, cache_dir, progress, recheck) -> Source:
     tag = "sample sha1 " + hashlib.sha1(SAMPLE_FILE.read_bytes()).hexdigest()
 
     def load():
@@ -313,16 +322,16 @@ def _open_sample(split: str, cache_dir, progress) -> Source:
 
     dest = cache_root(cache_dir) / "sample"
     _materialise(dest, tag, load, FASHION_MNIST_CLASSES, progress, "writing sample JPEGs")
-    return _open_materialised("sample", dest, split, cache_dir, progress)
+    return _open_materialised("sample", dest, split, cache_dir, progress, recheck)
 
 
-def _open_fashion_mnist(split: str, cache_dir, progress) -> Source:
+def _open_fashion_mnist(split: str, cache_dir, progress, recheck) -> Source:
     source_dir = pathlib.Path(FASHION_MNIST_DIR)
     files = [source_dir / f for pair in FASHION_MNIST_FILES.values() for f in pair]
     dest = cache_root(cache_dir) / "fashion-mnist"
     if not all(f.is_file() for f in files):
         if (dest / _MANIFEST).is_file():  # written earlier, package since removed: still usable
-            return _open_materialised("fashion-mnist", dest, split, cache_dir, progress)
+            return _open_materialised("fashion-mnist", dest, split, cache_dir, progress, recheck)
         raise DataError(f"Fashion-MNIST not found under {source_dir}: install it with "
                         f"`apt-get install {FASHION_MNIST_PACKAGE}`")
     tag = "fashion-mnist " + " ".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
@@ -332,19 +341,14 @@ def _open_fashion_mnist(split: str, cache_dir, progress) -> Source:
                 for s, (images, labels) in FASHION_MNIST_FILES.items()}
 
     _materialise(dest, tag, load, FASHION_MNIST_CLASSES, progress, "writing Fashion-MNIST JPEGs")
-    return _open_materialised("fashion-mnist", dest, split, cache_dir, progress)
+    return _open_materialised("fashion-mnist", dest, split, cache_dir, progress, recheck)
 
 
-def _open_materialised(name: str, dest: pathlib.Path, split: str, cache_dir, progress) -> Source:
+def _open_materialised(name: str, dest: pathlib.Path, split: str, cache_dir, progress, recheck) -> Source:
     """Index a tree written by `_materialise`, keeping Fashion-MNIST's own label numbers."""
-    split_dir = str(dest / split)
-    paths, labels = [], []
-    for label, class_name in enumerate(FASHION_MNIST_CLASSES):
-        found = _walk_images(os.path.join(split_dir, class_name))
-        paths += found
-        labels += [label] * len(found)
-    return index_source(name, split, name, ("dir", split_dir), paths, np.asarray(labels, dtype=np.int64),
-                         list(FASHION_MNIST_CLASSES), cache_dir, progress)
+    return _index_folder(name, split, name, str(dest / split), list(FASHION_MNIST_CLASSES),
+                         list(range(len(FASHION_MNIST_CLASSES))), list(FASHION_MNIST_CLASSES), cache_dir, progress,
+                         recheck)
 
 
 _MANIFEST = "MANIFEST.json"
@@ -406,49 +410,68 @@ def _materialise(dest: pathlib.Path, tag: str, load_splits: Callable[[], dict], 
 # ---------------------------------------------------------------- the index
 
 def index_source(name: str, split: str, shown: str, identity: tuple, paths: list, labels: np.ndarray,
-                  classes: list, cache_dir, progress) -> Source:
-    """Sizes of `paths` from the cache or their headers; unusable files dropped with one warning."""
+                 classes: list, cache_dir, progress, walked: Optional[dict] = None,
+                 cached: Optional[dict] = None) -> Source:
+    """Sizes of `paths` from the cache or their headers; unusable files dropped with one warning.
+    `walked`: what `walk_folder` found besides the paths, recorded with the index; without it (file
+    lists) each path is stat-ed here. `cached`: the cache file's arrays when the caller loaded them."""
     n_listed = len(paths)
-    sizes = np.full(n_listed, -1, dtype=np.int64)  # -1: listed but missing (file lists)
-    mtimes = np.zeros(n_listed, dtype=np.int64)
-    for i, path in enumerate(paths):
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
+    if walked is None:
+        walked = stat_listed(paths)
+    sizes, mtimes = walked["sizes"], walked["mtimes"]
     widths = np.full(n_listed, -1, dtype=np.int32)
     heights = np.full(n_listed, -1, dtype=np.int32)
-
-    cache_file = cache_root(cache_dir) / "index" / (hashlib.sha1(repr(identity).encode()).hexdigest() + ".npz")
+    cache_file = _cache_file(cache_dir, identity)
     blob = join_paths(paths)
-    cached = load_index(cache_file)
+    cached = cached if cached is not None else load_index(cache_file)
     if (cached is not None and cached["paths"].tobytes() == blob
             and np.array_equal(cached["sizes"], sizes) and np.array_equal(cached["mtimes"], mtimes)):
         widths[:], heights[:] = cached["widths"], cached["heights"]
+        record_changed = not (cached["dirs"].tobytes() == walked["dirs"]
+                              and np.array_equal(cached["dir_mtimes"], walked["dir_mtimes"]))
     else:
-        # Reuse every entry (usable or not) whose file is unchanged; read the headers of the rest.
-        known = {p: k for k, p in enumerate(split_paths(cached["paths"]))} if cached is not None else {}
-        to_probe, modified = [], 0
-        for i, path in enumerate(paths):
-            k = known.get(path)
-            if (k is not None and sizes[i] >= 0 and cached["sizes"][k] == sizes[i]
-                    and cached["mtimes"][k] == mtimes[i]):
-                widths[i], heights[i] = cached["widths"][k], cached["heights"][k]
-            else:
-                modified += k is not None
-                if sizes[i] >= 0:
-                    to_probe.append(i)
-        if cached is not None:
-            added = sum(p not in known for p in paths)
-            removed = len(known) - (n_listed - added)
-            print(f"index of {shown}: {added:,} files added, {removed:,} removed, {modified:,} modified since it "
-                  f"was built; re-reading {len(to_probe):,} headers", file=sys.stderr)
-        for i, (w, h) in zip(to_probe, probe_all([paths[i] for i in to_probe], sizes[to_probe], progress, shown)):
-            widths[i], heights[i] = w, h
-        save_index(cache_file, blob, sizes, mtimes, widths, heights)
+        _probe_changed(paths, sizes, mtimes, widths, heights, cached, shown, progress)
+        record_changed = True
+    if record_changed:
+        save_index(cache_file, {"paths": blob, "widths": widths, "heights": heights, **walked})
+    return _source(name, split, shown, blob, labels, classes,
+                   {"sizes": sizes, "mtimes": mtimes, "widths": widths, "heights": heights}, paths)
 
+
+def _cache_file(cache_dir, identity: tuple) -> pathlib.Path:
+    return cache_root(cache_dir) / "index" / (hashlib.sha1(repr(identity).encode()).hexdigest() + ".npz")
+
+
+def _probe_changed(paths, sizes, mtimes, widths, heights, cached, shown, progress) -> None:
+    """Fill widths/heights: reuse every cached entry (usable or not) whose file is unchanged, read the rest."""
+    known = {p: k for k, p in enumerate(split_paths(cached["paths"]))} if cached is not None else {}
+    to_probe, modified = [], 0
+    for i, path in enumerate(paths):
+        k = known.get(path)
+        if (k is not None and sizes[i] >= 0 and cached["sizes"][k] == sizes[i]
+                and cached["mtimes"][k] == mtimes[i]):
+            widths[i], heights[i] = cached["widths"][k], cached["heights"][k]
+        else:
+            modified += k is not None
+            if sizes[i] >= 0:
+                to_probe.append(i)
+    if cached is not None:
+        added = sum(p not in known for p in paths)
+        removed = len(known) - (len(paths) - added)
+        print(f"index of {shown}: {added:,} files added, {removed:,} removed, {modified:,} modified since it "
+              f"was built; re-reading {len(to_probe):,} headers", file=sys.stderr)
+    for i, (w, h) in zip(to_probe, probe_all([paths[i] for i in to_probe], sizes[to_probe], progress, shown)):
+        widths[i], heights[i] = w, h
+
+
+def _source(name: str, split: str, shown: str, blob: bytes, labels: np.ndarray, classes: list, arrays: dict,
+            paths: Optional[list] = None) -> Source:
+    """The usable files of an index, with one warning for the rest. The
+    fingerprint covers every listed path, size and mtime, usable or not."""
+    paths = split_paths(np.frombuffer(blob, dtype=np.uint8)) if paths is None else paths
+    widths, heights = arrays["widths"], arrays["heights"]
     usable = widths >= 0
+    n_listed = len(paths)
     skipped = n_listed - int(usable.sum())
     if not usable.any():
         raise DataError(f"{shown}: none of the {n_listed:,} image files could be read "
@@ -459,6 +482,7 @@ def index_source(name: str, split: str, shown: str, identity: tuple, paths: list
         print(f"warning: skipped {skipped:,} unreadable {noun} of {n_listed:,} in {shown} (e.g. {first_bad})",
               file=sys.stderr)
     keep = np.flatnonzero(usable)
+    sizes, mtimes = np.asarray(arrays["sizes"], dtype=np.int64), np.asarray(arrays["mtimes"], dtype=np.int64)
     fingerprint = hashlib.sha1(blob + sizes.tobytes() + mtimes.tobytes()).hexdigest()[:16]
     return Source(name=name, split=split, paths=[paths[i] for i in keep], labels=labels[keep].astype(np.int64),
                   widths=widths[keep].astype(np.int32), heights=heights[keep].astype(np.int32),
