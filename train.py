@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parent
 # Flags that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "linear_epochs", "pipeline", "workers", "knn_every", "log_every",
                      "ckpt_every", "keep_every", "tensorboard", "log_samples", "stop_after", "eval", "export",
-                     "compile", "cpu_graph", "device", "run_dir", "data_changed", "amp_reason"}
+                     "compile", "cpu_graph", "device", "run_dir", "data_changed", "recheck_data", "amp_reason"}
 
 
 class UserError(Exception):
@@ -137,8 +137,8 @@ def open_data(cfg, rank: int, world: int):
     if world > 1 and rank != 0:
         dist.barrier()
     try:
-        train_src = open_source(cfg.data, "train", progress=is_main())
-        test_src = open_source(cfg.data, "test", progress=is_main())
+        train_src = open_source(cfg.data, "train", progress=is_main(), recheck=cfg.recheck_data)
+        test_src = open_source(cfg.data, "test", progress=is_main(), recheck=cfg.recheck_data)
     except DataError as e:
         raise UserError(str(e))
     if world > 1 and rank == 0:

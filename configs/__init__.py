@@ -25,6 +25,9 @@ def get_args_parser(method_defaults: dict | None = None) -> argparse.ArgumentPar
     p.add_argument("--pipeline", default=default_pipeline, choices=sorted(pipelines.PIPELINES),
                    help="view pipeline (backends appear when their package is installed)")
     p.add_argument("--data", default=None, help="ImageFolder dir, file list .txt, 'fashion-mnist'; default: built-in sample")
+    p.add_argument("--recheck-data", action="store_true",
+                   help="stat every file of a --data folder, not only its directories, and re-read changed headers: "
+                        "notices files rewritten in place under the same name")
     p.add_argument("--run-dir", default=None, help="default: runs/<method>-<data>")
     p.add_argument("--workers", type=int, default=2, help="pipeline worker threads/processes per rank")
     p.add_argument("--seed", type=int, default=0)

@@ -343,12 +343,18 @@ def write_beton(source: Source, out, *, jpeg_quality: int = DEFAULT_QUALITY, max
 
 
 def _stamp(source: Source, options: dict) -> str:
-    """What the cached .beton was written from: every path, its size and
-    mtime (one stat per file, as the index), the index's sizes, the options."""
+    """What the cached .beton was written from: the source's fingerprint
+    (every listed path, size and mtime as the index saw them, so no file is
+    stat-ed here), the paths kept and their indexed sizes, the options. A
+    Source made without an index (no fingerprint) gets one stat per file."""
     h = hashlib.sha1(json.dumps({"version": BETON_VERSION, **options}, sort_keys=True).encode())
-    for path, w, hh in zip(source.paths, source.widths, source.heights):
-        st = os.stat(path)
-        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{w}\0{hh}\n".encode("utf-8", "surrogateescape"))
+    h.update(source.fingerprint.encode() + b"\0" + "\0".join(source.paths).encode("utf-8", "surrogateescape"))
+    h.update(np.ascontiguousarray(source.widths, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(source.heights, dtype=np.int64).tobytes())
+    if not source.fingerprint:
+        for path in source.paths:
+            st = os.stat(path)
+            h.update(f"{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 

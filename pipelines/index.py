@@ -215,7 +215,12 @@ def _probe(f, size: int) -> tuple:
         if _JPEG_EOI in f.read():
             width, height, orientation = regular
             return (height, width) if orientation in TRANSPOSED_ORIENTATIONS else (width, height)
-    f.seek(0)  # anything else: PIL
+    f.seek(0)
+    return probe_with_pil(f, size)
+
+
+def probe_with_pil(f, size: int) -> tuple:
+    """`_probe` of anything jpeg_header does not vouch for; raises where the file would fail."""
     with Image.open(f) as im:
         fmt = im.format
         if fmt in ("JPEG", "MPO"):

@@ -33,7 +33,7 @@ def test_every_config_key_and_flag_has_a_rule():
     flags = set(vars(cfg)) - set(METHOD_KEYS["mocov2"])
     # choices and on/off switches are settled by argparse itself
     settled = {"method", "pipeline", "amp", "eval", "compile", "sync_bn", "cpu_graph", "tensorboard", "data_changed",
-               "log_samples"}
+               "log_samples", "recheck_data"}
     bools = {k for keys in METHOD_KEYS.values() for k in keys
              if isinstance(yaml.safe_load((ROOT / "configs" / f"{method_with(k)}.yaml").read_text())[k], bool)}
     missing = (flags | set().union(*METHOD_KEYS.values())) - settled - bools - set(rules.RULE_OF)

@@ -136,13 +136,19 @@ def test_file_list_source_and_max_side(mixed, tmp_path):
     loader.close()
 
 
-def test_cached_beton_is_reused_until_a_file_changes(mixed, tmp_path):
+def test_cached_beton_is_reused_until_a_file_changes(mixed, tmp_path, monkeypatch):
     source = open_source(str(mixed), cache_dir=str(tmp_path), progress=False)
     first = ensure_beton(source, cache_dir=str(tmp_path))
     stamp = first.stat().st_mtime_ns
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: (_ for _ in ()).throw(AssertionError(f"stat {p}"))
+                        if str(p) in source.paths else real_stat(p, *a, **k))
     assert ensure_beton(source, cache_dir=str(tmp_path)) == first and first.stat().st_mtime_ns == stamp
+    monkeypatch.undo()  # the stamp is the index's fingerprint: no file was stat-ed for it
+    # A file touched in place: the index notices it with recheck (--recheck-data), and so does the stamp.
     os.utime(source.paths[0], ns=(1, 1))
-    again = ensure_beton(source, cache_dir=str(tmp_path))
+    rechecked = open_source(str(mixed), cache_dir=str(tmp_path), progress=False, recheck=True)
+    again = ensure_beton(rechecked, cache_dir=str(tmp_path))
     assert again == first and again.stat().st_mtime_ns != stamp
 
 
