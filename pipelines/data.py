@@ -239,7 +239,7 @@ def _index_folder(name: str, split: str, shown: str, split_dir: str, groups: lis
     cached = load_index(cache_file)
     if (not recheck and cached is not None and cached["group_names"].tobytes() == join_paths(groups)
             and folder_unchanged(cached)):
-        return _source(name, split, shown, cached["paths"].tobytes(), group_labels[cached["groups"]], classes,
+        return _source(name, split, shown, cached["paths"], group_labels[cached["groups"]], classes,
                        {k: cached[k] for k in ("sizes", "mtimes", "widths", "heights")})
     walked = walk_folder(split_dir, groups)
     if not walked["paths"]:
@@ -444,7 +444,11 @@ def _cache_file(cache_dir, identity: tuple) -> pathlib.Path:
 
 def _probe_changed(paths, sizes, mtimes, widths, heights, cached, shown, progress) -> None:
     """Fill widths/heights: reuse every cached entry (usable or not) whose file is unchanged, read the rest."""
-    known = {p: k for k, p in enumerate(split_paths(cached["paths"]))} if cached is not None else {}
+    if cached is None:  # the first open: every file that exists
+        to_probe = np.flatnonzero(sizes >= 0)
+        widths[to_probe], heights[to_probe] = probe_all([paths[i] for i in to_probe], sizes[to_probe], progress, shown)
+        return
+    known = {p: k for k, p in enumerate(split_paths(cached["paths"]))}
     to_probe, modified = [], 0
     for i, path in enumerate(paths):
         k = known.get(path)
@@ -455,20 +459,19 @@ def _probe_changed(paths, sizes, mtimes, widths, heights, cached, shown, progres
             modified += k is not None
             if sizes[i] >= 0:
                 to_probe.append(i)
-    if cached is not None:
-        added = sum(p not in known for p in paths)
-        removed = len(known) - (len(paths) - added)
-        print(f"index of {shown}: {added:,} files added, {removed:,} removed, {modified:,} modified since it "
-              f"was built; re-reading {len(to_probe):,} headers", file=sys.stderr)
-    for i, (w, h) in zip(to_probe, probe_all([paths[i] for i in to_probe], sizes[to_probe], progress, shown)):
-        widths[i], heights[i] = w, h
+    added = sum(p not in known for p in paths)
+    removed = len(known) - (len(paths) - added)
+    print(f"index of {shown}: {added:,} files added, {removed:,} removed, {modified:,} modified since it "
+          f"was built; re-reading {len(to_probe):,} headers", file=sys.stderr)
+    to_probe = np.asarray(to_probe, dtype=np.int64)
+    widths[to_probe], heights[to_probe] = probe_all([paths[i] for i in to_probe], sizes[to_probe], progress, shown)
 
 
 def _source(name: str, split: str, shown: str, blob: bytes, labels: np.ndarray, classes: list, arrays: dict,
             paths: Optional[list] = None) -> Source:
     """The usable files of an index, with one warning for the rest. The
     fingerprint covers every listed path, size and mtime, usable or not."""
-    paths = split_paths(np.frombuffer(blob, dtype=np.uint8)) if paths is None else paths
+    paths = split_paths(blob) if paths is None else paths
     widths, heights = arrays["widths"], arrays["heights"]
     usable = widths >= 0
     n_listed = len(paths)
@@ -483,7 +486,10 @@ def _source(name: str, split: str, shown: str, blob: bytes, labels: np.ndarray, 
               file=sys.stderr)
     keep = np.flatnonzero(usable)
     sizes, mtimes = np.asarray(arrays["sizes"], dtype=np.int64), np.asarray(arrays["mtimes"], dtype=np.int64)
-    fingerprint = hashlib.sha1(blob + sizes.tobytes() + mtimes.tobytes()).hexdigest()[:16]
+    h = hashlib.sha1(blob)  # = sha1(blob + sizes + mtimes), without the copy
+    h.update(sizes.tobytes())
+    h.update(mtimes.tobytes())
+    fingerprint = h.hexdigest()[:16]
     return Source(name=name, split=split, paths=[paths[i] for i in keep], labels=labels[keep].astype(np.int64),
                   widths=widths[keep].astype(np.int32), heights=heights[keep].astype(np.int32),
                   classes=list(classes), skipped=skipped, fingerprint=fingerprint)

@@ -55,9 +55,9 @@ def join_paths(paths: list) -> bytes:
     return "\0".join(paths).encode("utf-8", "surrogateescape")
 
 
-def split_paths(blob: np.ndarray) -> list:
-    raw = blob.tobytes()
-    return raw.decode("utf-8", "surrogateescape").split("\0") if raw else []
+def split_paths(blob) -> list:
+    """The paths of a `join_paths` blob (bytes or a uint8 array: read in place)."""
+    return str(memoryview(blob), "utf-8", "surrogateescape").split("\0") if len(blob) else []
 
 
 def load_index(cache_file: pathlib.Path) -> Optional[dict]:
@@ -167,18 +167,24 @@ def folder_unchanged(cached: dict) -> bool:
 
 
 # ---------------------------------------------------------------- probing
-def probe_all(paths: list, sizes: np.ndarray, progress: bool, shown: str) -> list:
-    """`probe_image` over many files on a thread pool, in order, with a progress bar."""
+def probe_all(paths: list, sizes: np.ndarray, progress: bool, shown: str) -> tuple:
+    """(widths, heights) int32 of `probe_image` over many files, on a thread
+    pool (header reads wait on I/O), with a progress bar."""
+    widths, heights = np.empty(len(paths), np.int32), np.empty(len(paths), np.int32)
+
+    def chunk(start: int) -> int:
+        for i in range(start, min(start + _PROBE_CHUNK, len(paths))):
+            widths[i], heights[i] = probe_image(paths[i], int(sizes[i]))
+        return min(_PROBE_CHUNK, len(paths) - start)
+
     if len(paths) <= _PROBE_CHUNK:
-        return [probe_image(p, int(s)) for p, s in zip(paths, sizes)]
-    chunks = [(paths[i:i + _PROBE_CHUNK], sizes[i:i + _PROBE_CHUNK]) for i in range(0, len(paths), _PROBE_CHUNK)]
-    results = []
+        chunk(0)
+        return widths, heights
     with tqdm(total=len(paths), desc=f"indexing {shown}", unit="img", disable=not progress, leave=False,
               file=sys.stderr) as bar, ThreadPoolExecutor(_PROBE_THREADS) as pool:
-        for chunk_result in pool.map(lambda c: [probe_image(p, int(s)) for p, s in zip(*c)], chunks):
-            results += chunk_result
-            bar.update(len(chunk_result))
-    return results
+        for done in pool.map(chunk, range(0, len(paths), _PROBE_CHUNK)):
+            bar.update(done)
+    return widths, heights
 
 
 def probe_image(path: str, size: Optional[int] = None) -> tuple:
