@@ -424,13 +424,13 @@ def index_source(name: str, split: str, shown: str, identity: tuple, paths: list
     cache_file = _cache_file(cache_dir, identity)
     blob = join_paths(paths)
     cached = cached if cached is not None else load_index(cache_file)
-    if (cached is not None and cached["paths"].tobytes() == blob
+    if (cached is not None and cached["paths"].data == blob  # memoryview == bytes: compared in place
             and np.array_equal(cached["sizes"], sizes) and np.array_equal(cached["mtimes"], mtimes)):
         widths[:], heights[:] = cached["widths"], cached["heights"]
         record_changed = not (cached["dirs"].tobytes() == walked["dirs"]
                               and np.array_equal(cached["dir_mtimes"], walked["dir_mtimes"]))
     else:
-        _probe_changed(paths, sizes, mtimes, widths, heights, cached, shown, progress)
+        _probe_changed(paths, blob, sizes, mtimes, widths, heights, cached, shown, progress)
         record_changed = True
     if record_changed:
         save_index(cache_file, {"paths": blob, "widths": widths, "heights": heights, **walked})
@@ -442,28 +442,24 @@ def _cache_file(cache_dir, identity: tuple) -> pathlib.Path:
     return cache_root(cache_dir) / "index" / (hashlib.sha1(repr(identity).encode()).hexdigest() + ".npz")
 
 
-def _probe_changed(paths, sizes, mtimes, widths, heights, cached, shown, progress) -> None:
+def _probe_changed(paths, blob, sizes, mtimes, widths, heights, cached, shown, progress) -> None:
     """Fill widths/heights: reuse every cached entry (usable or not) whose file is unchanged, read the rest."""
-    if cached is None:  # the first open: every file that exists
-        to_probe = np.flatnonzero(sizes >= 0)
-        widths[to_probe], heights[to_probe] = probe_all([paths[i] for i in to_probe], sizes[to_probe], progress, shown)
-        return
-    known = {p: k for k, p in enumerate(split_paths(cached["paths"]))}
-    to_probe, modified = [], 0
-    for i, path in enumerate(paths):
-        k = known.get(path)
-        if (k is not None and sizes[i] >= 0 and cached["sizes"][k] == sizes[i]
-                and cached["mtimes"][k] == mtimes[i]):
-            widths[i], heights[i] = cached["widths"][k], cached["heights"][k]
+    keep = np.zeros(len(paths), dtype=bool)
+    if cached is not None and len(cached["sizes"]):
+        if cached["paths"].data == blob:  # the same list (e.g. a recheck): no lookup by name
+            at, n_known = np.arange(len(paths)), len(paths)
         else:
-            modified += k is not None
-            if sizes[i] >= 0:
-                to_probe.append(i)
-    added = sum(p not in known for p in paths)
-    removed = len(known) - (len(paths) - added)
-    print(f"index of {shown}: {added:,} files added, {removed:,} removed, {modified:,} modified since it "
-          f"was built; re-reading {len(to_probe):,} headers", file=sys.stderr)
-    to_probe = np.asarray(to_probe, dtype=np.int64)
+            known = {p: k for k, p in enumerate(split_paths(cached["paths"]))}
+            at, n_known = np.fromiter((known.get(p, -1) for p in paths), np.int64, len(paths)), len(known)
+            del known
+        old = np.maximum(at, 0)
+        keep = (at >= 0) & (sizes >= 0) & (cached["sizes"][old] == sizes) & (cached["mtimes"][old] == mtimes)
+        widths[keep], heights[keep] = cached["widths"][old[keep]], cached["heights"][old[keep]]
+        added, modified = int((at < 0).sum()), int(((at >= 0) & ~keep).sum())
+        print(f"index of {shown}: {added:,} files added, {n_known - (len(paths) - added):,} removed, {modified:,} "
+              f"modified since it was built; re-reading {int((~keep & (sizes >= 0)).sum()):,} headers",
+              file=sys.stderr)
+    to_probe = np.flatnonzero(~keep & (sizes >= 0))
     widths[to_probe], heights[to_probe] = probe_all([paths[i] for i in to_probe], sizes[to_probe], progress, shown)
 
 
