@@ -389,13 +389,14 @@ def main(argv=None) -> int:
     w = sub.add_parser("write", help="write a source as a .beton")
     w.add_argument("--data", default=None, help="ImageFolder, .txt file list, fashion-mnist, or the built-in sample")
     w.add_argument("--split", default="train", choices=["train", "test"])
+    w.add_argument("--recheck-data", action="store_true", help="as train.py's: stat every file of a --data folder")
     w.add_argument("--out", required=True, help="the .beton to write (atomically)")
     w.add_argument("--jpeg-quality", type=int, default=DEFAULT_QUALITY,
                    help="quality of images that must be re-encoded (kept JPEGs keep their bytes)")
     w.add_argument("--max-side", type=int, default=None, help="shrink images whose longer side exceeds this")
     args = p.parse_args(argv)
     try:
-        source = open_source(args.data, args.split)
+        source = open_source(args.data, args.split, recheck=args.recheck_data)
         if source is None:
             raise DataError(f"{args.data}: has no {args.split} split")
         counts = write_beton(source, args.out, jpeg_quality=args.jpeg_quality, max_side=args.max_side)
