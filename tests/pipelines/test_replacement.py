@@ -111,6 +111,8 @@ def test_the_index_notices_added_removed_and_modified_files(tmp_path, capfd):
     shutil.copy(root / "class0" / "000.jpg", root / "class0" / "new.jpg")
     (root / "class1" / "002.jpg").unlink()
     make_image_folder(tmp_path / "other", classes=1, per_class=2, size=(30, 20), seed=5)
+    # Rewritten in place: noticed here because class1 changed too (a removal), so the folder is walked again;
+    # alone in an unchanged folder it takes recheck=True (tests/pipelines/test_index.py).
     shutil.copy(tmp_path / "other" / "class0" / "001.jpg", root / "class1" / "003.jpg")  # other bytes, other size
     changed = open_source(str(root), "train", progress=False)
     err = capfd.readouterr().err
