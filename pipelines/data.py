@@ -16,6 +16,8 @@ Where a source comes from (`open_source(data)`):
 - a directory: an ImageFolder (class subfolders; images directly in it make
   it unlabelled), optionally holding `train/` and `val/` (or `test/`).
 - a `.txt` file list: `path [label]` per line.
+- tar shards: `train-{000000..000099}.tar`, a `.txt` list of `.tar` files,
+  or a directory of them (pipelines/shards.py).
 
 The index (path, size, mtime, width, height, usable) of every source is
 built once from image headers and cached under `cache_root()/index/`;
@@ -83,6 +85,8 @@ class Source:
     skipped: int = 0
     # Changes when any listed file is added, removed, resized or touched (a checkpoint records it).
     fingerprint: str = ""
+    # Tar shards (pipelines/shards.py): where each image lies (Members); None for files.
+    members: Optional[object] = field(default=None, repr=False)
 
     def __post_init__(self):
         n = len(self.paths)
@@ -94,10 +98,12 @@ class Source:
 
     def read(self, i: int) -> np.ndarray:
         """The encoded file of image `i` as a 1-D uint8 array."""
+        if self.members is not None:
+            return self.members.read(i)
         return np.fromfile(self.paths[i], dtype=np.uint8)
 
     def read_many(self, indices: Iterable[int]) -> list:
-        return [np.fromfile(self.paths[i], dtype=np.uint8) for i in indices]
+        return [self.read(i) for i in indices]
 
     @property
     def has_labels(self) -> bool:
@@ -129,7 +135,7 @@ def decodes(source: Source, i: int) -> bool:
     """Whether file i decodes in full (PIL) to its indexed size: the slow,
     sure check, for the rare file that passes `probe_bytes` but not a decoder."""
     try:
-        with Image.open(source.paths[i]) as im:
+        with Image.open(source.paths[i] if source.members is None else io.BytesIO(source.read(i))) as im:
             im.load()
             size = im.size
             if im.getexif().get(EXIF_ORIENTATION) in TRANSPOSED_ORIENTATIONS:
@@ -174,6 +180,9 @@ def open_source(data: Optional[str], split: str = "train", cache_dir: Optional[s
         return _open_sample(split, cache_dir, progress)
     if data == "fashion-mnist":
         return _open_fashion_mnist(split, cache_dir, progress)
+    from .shards import open_shards, shard_paths  # tar shards: a train split only
+    if (shards := shard_paths(str(data))) is not None:
+        return None if split == "test" else open_shards(str(data), shards, cache_dir, progress)
     path = os.path.abspath(os.path.expanduser(str(data)))
     if os.path.isdir(path):
         return _open_image_folder(str(data), path, split, cache_dir, progress)
@@ -463,3 +472,8 @@ def index_source(name: str, split: str, shown: str, identity: tuple, paths: list
     return Source(name=name, split=split, paths=[paths[i] for i in keep], labels=labels[keep].astype(np.int64),
                   widths=widths[keep].astype(np.int32), heights=heights[keep].astype(np.int32),
                   classes=list(classes), skipped=skipped, fingerprint=fingerprint)
+
+
+if __name__ == "__main__":  # `python -m pipelines.data shards ...`: the converter, in the imported module
+    from pipelines.shard_writer import main
+    sys.exit(main())

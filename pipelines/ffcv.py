@@ -245,7 +245,8 @@ class FfcvLoader(PlannedLoader):
 def _subset(source: Source, keep: np.ndarray) -> Source:
     return Source(name=source.name, split=source.split, paths=[source.paths[i] for i in keep],
                   labels=source.labels[keep], widths=source.widths[keep], heights=source.heights[keep],
-                  classes=source.classes, skipped=source.skipped + len(source) - len(keep))
+                  classes=source.classes, skipped=source.skipped + len(source) - len(keep),
+                  members=None if source.members is None else source.members.take(keep))
 
 
 # ---------------------------------------------------------------- the writer
@@ -263,6 +264,13 @@ def _encode_record(destination, record, malloc):
     destination["mode"], destination["width"], destination["height"] = mode, width, height
     destination["data_ptr"], storage = malloc(payload.nbytes)
     storage[:] = payload
+
+
+def _file_sizes(source: Source) -> list:
+    """Bytes of each image: a tar member's from the index, a file's from one stat."""
+    if source.members is not None:
+        return source.members.size.tolist()
+    return [_file_size(p) for p in source.paths]
 
 
 def _file_size(path: str) -> int:
@@ -309,7 +317,7 @@ def write_beton(source: Source, out, *, jpeg_quality: int = DEFAULT_QUALITY, max
     try:
         workers = min(workers or max(1, min(8, os.cpu_count() or 1)), -(-len(source) // CHUNK))
         fields = {"image": _stored_image_field(), "source_index": IntField()}
-        sizes = [_file_size(p) for p in source.paths]
+        sizes = _file_sizes(source)
         largest = int(np.argmax(sizes))
         page = page_size(sizes[largest], source.paths[largest])
         for attempt in range(2):
@@ -344,8 +352,14 @@ def write_beton(source: Source, out, *, jpeg_quality: int = DEFAULT_QUALITY, max
 
 def _stamp(source: Source, options: dict) -> str:
     """What the cached .beton was written from: every path, its size and
-    mtime (one stat per file, as the index), the index's sizes, the options."""
+    mtime (one stat per file, as the index; one per shard for tar members),
+    the index's sizes, the options."""
     h = hashlib.sha1(json.dumps({"version": BETON_VERSION, **options}, sort_keys=True).encode())
+    if source.members is not None:
+        h.update(source.members.stamp())
+        h.update("\0".join(source.paths).encode("utf-8", "surrogateescape"))
+        h.update(source.widths.tobytes() + source.heights.tobytes())
+        return h.hexdigest()
     for path, w, hh in zip(source.paths, source.widths, source.heights):
         st = os.stat(path)
         h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{w}\0{hh}\n".encode("utf-8", "surrogateescape"))
