@@ -147,15 +147,18 @@ class _ShardFiles:
 
     def read(self, path: str, offset: int, size: int) -> np.ndarray:
         """`size` bytes at `offset` of `path` as a writable uint8 array, one preadv."""
-        entry = self._acquire(path)
-        try:
-            out = np.empty(size, dtype=np.uint8)
-            got = os.preadv(entry[0], [out], offset) if size else 0
-        finally:
-            self._release(entry)
+        out = np.empty(size, dtype=np.uint8)
+        got = self.read_into(path, offset, out) if size else 0
         if got != size:
             raise OSError(f"{path}: {size:,} bytes at {offset:,} asked, {got:,} there (shard truncated?)")
         return out
+
+    def read_into(self, path: str, offset: int, buffer) -> int:
+        entry = self._acquire(path)
+        try:
+            return os.preadv(entry[0], [buffer], offset)
+        finally:
+            self._release(entry)
 
     def _acquire(self, path: str) -> list:
         with self.lock:
@@ -237,7 +240,7 @@ class _MemberIO(io.RawIOBase):
     def readinto(self, b):
         n = max(0, min(len(b), self.size - self.pos))
         if n:
-            b[:n] = _FILES.read(self.path, self.offset + self.pos, n)
+            n = _FILES.read_into(self.path, self.offset + self.pos, memoryview(b)[:n])
             self.pos += n
         return n
 

@@ -296,3 +296,15 @@ def test_the_converter_round_trip(tmp_path):
                           str(tmp_path / "x"), "--per-shard", "0"], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert bad.returncode == 2 and bad.stderr.strip().endswith("error: --per-shard must be positive, not 0")
+
+
+def test_members_larger_than_the_probe_buffer_are_probed_as_files_are(tmp_path):
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (150, 200, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, format="JPEG", quality=95)
+    big = buf.getvalue()
+    assert len(big) > 2 * shards._PROBE_BUFFER
+    path = write_tar(tmp_path / "big.tar", [("c/0.jpg", big), ("c/1.jpg", big[:len(big) // 2]),
+                                            ("c/2.png", b"\x89PNG\r\n\x1a\n" + big[8:])])
+    source = open_source(str(path), progress=False)
+    assert len(source) == 1 and source.skipped == 2 and (source.widths[0], source.heights[0]) == (200, 150)
