@@ -308,3 +308,11 @@ def test_members_larger_than_the_probe_buffer_are_probed_as_files_are(tmp_path):
                                             ("c/2.png", b"\x89PNG\r\n\x1a\n" + big[8:])])
     source = open_source(str(path), progress=False)
     assert len(source) == 1 and source.skipped == 2 and (source.widths[0], source.heights[0]) == (200, 150)
+
+
+
+def test_the_data_rule_passes_a_pattern_and_the_run_dir_has_no_braces():
+    from configs.rules import _data_path
+    from model.checkpoints import data_name
+    assert _data_path("shards/train-{000000..000009}.tar") and not _data_path("/nonexistent/{1..2}")
+    assert data_name("shards/train-{000000..000009}.tar") == "train-000000-000009"
