@@ -89,17 +89,22 @@ def _is_tar(path: str) -> bool:
 def shard_paths(data: str) -> Optional[list]:
     """The absolute shard paths `data` names, or None when it names no shards."""
     text = os.path.expanduser(str(data))
-    if _BRACE.search(text) or _is_tar(text):
+    if (_BRACE.search(text) or _is_tar(text)) and not os.path.isdir(text):
         paths = [os.path.abspath(p) for p in expand_braces(text)]
         return paths if all(map(_is_tar, paths)) else None
     if os.path.isfile(text) and os.path.splitext(text)[1].lower() in FILE_LIST_EXTENSIONS:
         base = os.path.dirname(os.path.abspath(text))
         with open(text, encoding="utf-8") as f:
-            lines = [s.strip() for s in f]
-        lines = [s for s in lines if s and not s.startswith("#")]
-        if lines and all(map(_is_tar, lines)):
-            return [os.path.abspath(os.path.join(base, os.path.expanduser(s))) for s in lines]
-        return None
+            lines = (s.strip() for s in f)
+            lines = (s for s in lines if s and not s.startswith("#"))
+            first = next(lines, None)
+            if first is None or not _is_tar(first):
+                return None  # an image file list (its first line decides; it may be long)
+            lines = [first, *lines]
+        if not all(map(_is_tar, lines)):
+            raise DataError(f"{data}: its first line names a .tar shard, so every line must; "
+                            f"{next(s for s in lines if not _is_tar(s))!r} does not")
+        return [os.path.abspath(os.path.join(base, os.path.expanduser(s))) for s in lines]
     if os.path.isdir(text):
         with os.scandir(text) as it:
             entries = [e for e in it if not e.name.startswith(".")]
@@ -201,9 +206,6 @@ class Members:
     def __init__(self, shards: list, shard: np.ndarray, offset: np.ndarray, size: np.ndarray):
         self.shards, self.shard, self.offset, self.size = list(shards), shard, offset, size
 
-    def __len__(self) -> int:
-        return len(self.offset)
-
     def read(self, i: int) -> np.ndarray:
         return _FILES.read(self.shards[self.shard[i]], int(self.offset[i]), int(self.size[i]))
 
@@ -213,7 +215,7 @@ class Members:
 
     def stamp(self) -> bytes:
         """What the shards are now: path, size and mtime of each (one stat per shard)."""
-        stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in self.shards]
+        stats = [(p, st.st_size, st.st_mtime_ns) for p in self.shards for st in [os.stat(p)]]
         return repr(stats).encode("utf-8", "surrogateescape") + self.offset.tobytes() + self.size.tobytes()
 
 
@@ -256,10 +258,14 @@ def probe_member(path: str, offset: int, size: int) -> tuple:
 
 # ---------------------------------------------------------------- the tar headers
 def _number(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and over
+    """An octal header field (GNU base-256 for 8 GiB and over); -1 when it is not a number."""
+    if field[:1] and field[0] & 0x80:
         return int.from_bytes(field[1:], "big")
     field = field.split(b"\0", 1)[0].strip()
-    return int(field, 8) if field else 0
+    try:
+        return int(field, 8) if field else 0
+    except ValueError:
+        return -1
 
 
 def _pax(data: bytes) -> dict:
@@ -304,7 +310,7 @@ def scan_tar(path: str):
                     name = name.decode("utf-8", "surrogateescape")
                 yield name, data_at, size
                 pending = {}
-            elif kind != b"g":
+            elif kind not in (b"g", b"K"):  # a global header, a GNU long link name: for later members
                 pending = {}  # directories, links, devices: not samples
             at = data_at + -(-size // _BLOCK) * _BLOCK
         else:
@@ -343,8 +349,11 @@ def _samples(path: str, read_small) -> tuple:
 
 def _scan_headers(path: str) -> dict:
     """One shard's samples from its headers (and .cls members), not yet probed."""
-    with open(path, "rb", buffering=0) as f:
-        names, offsets, sizes, cls = _samples(path, lambda at, n: os.pread(f.fileno(), n, at))
+    try:
+        with open(path, "rb", buffering=0) as f:
+            names, offsets, sizes, cls = _samples(path, lambda at, n: os.pread(f.fileno(), n, at))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read this shard: {e.strerror or e}") from None
     return {"names": names, "offsets": np.array(offsets, np.int64), "sizes": np.array(sizes, np.int64),
             "cls": np.array(cls, np.int64)}
 
@@ -449,8 +458,12 @@ def index_shards(data: str, paths: list, stats: np.ndarray, cache_dir=None, prog
         if cached:
             print(f"index of {data}: re-reading {len(todo):,} of {len(paths):,} shards (new or changed)",
                   file=sys.stderr)
-        with ThreadPoolExecutor(min(_PROBE_THREADS, len(todo))) as pool:
-            fresh = list(pool.map(_scan_headers, [paths[k] for k in todo]))
+        with tqdm(total=len(todo), desc=f"reading tar headers of {data}", unit="shard", disable=not progress,
+                  leave=False, file=sys.stderr) as bar, ThreadPoolExecutor(min(_PROBE_THREADS, len(todo))) as pool:
+            fresh = []
+            for table in pool.map(_scan_headers, [paths[k] for k in todo]):
+                fresh.append(table)
+                bar.update()
         _probe_tables([paths[k] for k in todo], fresh, progress, data)
         for k, table in zip(todo, fresh):
             tables[k] = table

@@ -316,3 +316,12 @@ def test_the_data_rule_passes_a_pattern_and_the_run_dir_has_no_braces():
     from model.checkpoints import data_name
     assert _data_path("shards/train-{000000..000009}.tar") and not _data_path("/nonexistent/{1..2}")
     assert data_name("shards/train-{000000..000009}.tar") == "train-000000-000009"
+
+
+def test_a_list_mixing_shards_and_images_and_an_unreadable_shard_are_one_line_errors(tmp_path):
+    (tmp_path / "mixed.txt").write_text("a.tar\nb.jpg 0\n")
+    with pytest.raises(DataError, match="every line must; 'b.jpg 0' does not"):
+        open_source(str(tmp_path / "mixed.txt"), progress=False)
+    (tmp_path / "junk.tar").write_bytes(b"not a tar archive at all" * 40)
+    with pytest.raises(DataError, match="junk.tar: not a tar file, or damaged at byte 0"):
+        open_source(str(tmp_path / "junk.tar"), progress=False)
