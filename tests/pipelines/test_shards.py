@@ -325,3 +325,11 @@ def test_a_list_mixing_shards_and_images_and_an_unreadable_shard_are_one_line_er
     (tmp_path / "junk.tar").write_bytes(b"not a tar archive at all" * 40)
     with pytest.raises(DataError, match="junk.tar: not a tar file, or damaged at byte 0"):
         open_source(str(tmp_path / "junk.tar"), progress=False)
+
+
+def test_a_subset_of_shards_reads_its_own_members(pair):
+    from bench.data import random_subset
+    _, tars = pair
+    sub = random_subset(tars, 5, seed=1)
+    keep = [tars.paths.index(p) for p in sub.paths]
+    assert all(np.array_equal(sub.read(k), tars.read(i)) for k, i in enumerate(keep))
