@@ -395,7 +395,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.ffcv", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     w = sub.add_parser("write", help="write a source as a .beton")
-    w.add_argument("--data", default=None, help="ImageFolder, .txt file list, fashion-mnist, or the built-in sample")
+    w.add_argument("--data", default=None, help="ImageFolder, .txt file list, tar shards, fashion-mnist, or the sample")
     w.add_argument("--split", default="train", choices=["train", "test"])
     w.add_argument("--out", required=True, help="the .beton to write (atomically)")
     w.add_argument("--jpeg-quality", type=int, default=DEFAULT_QUALITY,
