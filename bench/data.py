@@ -67,7 +67,8 @@ def subset(source, keep):
     """The images of `source` at the indices `keep`, in that order."""
     keep = np.asarray(keep, dtype=np.int64)
     return dataclasses.replace(source, paths=[source.paths[k] for k in keep], labels=source.labels[keep],
-                               widths=source.widths[keep], heights=source.heights[keep])
+                               widths=source.widths[keep], heights=source.heights[keep],
+                               members=None if source.members is None else source.members.take(keep))
 
 
 def random_subset(source, count: int, seed: int):

@@ -24,7 +24,9 @@ def get_args_parser(method_defaults: dict | None = None) -> argparse.ArgumentPar
     p.add_argument("--method", default="mocov2", choices=sorted(METHODS), help="pre-training method")
     p.add_argument("--pipeline", default=default_pipeline, choices=sorted(pipelines.PIPELINES),
                    help="view pipeline (backends appear when their package is installed)")
-    p.add_argument("--data", default=None, help="ImageFolder dir, file list .txt, 'fashion-mnist'; default: built-in sample")
+    p.add_argument("--data", default=None, help="ImageFolder dir, file list .txt, tar shards ('train-{000000..000099}.tar', "
+                   "a .txt of .tar paths, a folder of .tar; python -m pipelines.data shards writes them), "
+                   "'fashion-mnist'; default: built-in sample")
     p.add_argument("--recheck-data", action="store_true",
                    help="stat every file of a --data folder, not only its directories, and re-read changed headers: "
                         "notices files rewritten in place under the same name")

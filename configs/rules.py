@@ -84,7 +84,9 @@ def _square(v) -> bool:
 
 
 def _data_path(v) -> bool:
-    return v is None or v in ("sample", "fashion-mnist") or os.path.exists(os.path.expanduser(str(v)))
+    """A brace pattern of shards passes here; opening it names the first missing shard."""
+    return (v is None or v in ("sample", "fashion-mnist") or os.path.exists(os.path.expanduser(str(v)))
+            or re.search(r"\{[^{}]*\}[^{}]*\.tar$", str(v)) is not None)
 
 
 def _run_dir(v) -> bool:
@@ -112,7 +114,8 @@ def _arches():
 
 RULES = [
     # ---- what to train on, where, with what (train.py's own flags)
-    Rule("data", "an existing directory or .txt file list, 'sample' or 'fashion-mnist'", _data_path,
+    Rule("data", "an existing directory, .txt file list or .tar shard, a pattern of shards such as "
+         "'train-{000..099}.tar', 'sample' or 'fashion-mnist'", _data_path,
          "/nonexistent/viewforge-data", "not found"),
     Rule("run_dir", "a directory that exists or can be made (not below a file)", _run_dir, "/dev/null/run",
          "not writable"),

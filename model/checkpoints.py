@@ -294,7 +294,10 @@ class RunDirLock:
 def data_name(data: str | None) -> str:
     if data is None:
         return "sample"
-    return Path(data.rstrip("/")).name.replace(".txt", "") or "data"
+    name = Path(data.rstrip("/")).name.replace(".txt", "")
+    if "{" in name:  # a shard pattern: train-{000000..000009}.tar -> train-000000-000009, no braces for a shell
+        name = name.replace("..", "-").replace(",", "-").translate({ord(c): None for c in "{}"}).replace(".tar", "")
+    return name or "data"
 
 
 def check_resumable(cfg, config: dict, ckpt: dict, ckpt_path: Path, run_dir: Path, train_src, resumable: set,

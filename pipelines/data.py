@@ -16,25 +16,24 @@ Where a source comes from (`open_source(data)`):
 - a directory: an ImageFolder (class subfolders; images directly in it make
   it unlabelled), optionally holding `train/` and `val/` (or `test/`).
 - a `.txt` file list: `path [label]` per line.
+- tar shards: `train-{000000..000099}.tar`, a `.txt` list of `.tar` files,
+  or a directory of them (pipelines/shards.py).
 
 The index (path, size, mtime, width, height, usable) of every source is
-built once from image headers and cached under `cache_root()/index/`. A
-folder's index also records every directory the walk visited with its
-mtime. Reopening a folder stats those directories only (about 1,000 for
-ImageNet's 1.28M files): when none changed, no entry was added, removed or
-renamed anywhere, and the cached list is taken without a walk or a stat of
-any file. When one changed, the folder is walked again (one stat per file)
-and only the files whose size or mtime changed have their headers re-read.
-A file rewritten in place under the same name leaves its directory's mtime
-alone, so it is not noticed at reopen unless `recheck=True`
-(train.py's `--recheck-data`), which walks and stats every file as the
-first open does. It cannot stop a run either way: every pipeline checks
-each file as it reads it (`read_checked`) and replaces one that no longer
-matches its index, and counts it. A file list (.txt) keeps one stat per
-listed file at every open (its files may lie anywhere). Files that would
-stop a DALI pipeline (empty, not an image, truncated JPEG, corrupt PNG) are
-found here and left out, with one warning line (the walk, the probing and
-the cache file: pipelines/index.py).
+built once from image headers and cached under `cache_root()/index/`,
+with every directory the walk visited and its mtime. Reopening a folder
+stats those directories only (about 1,000 for ImageNet): when none
+changed, no entry was added, removed or renamed, and the cached list is
+taken with no walk and no stat of any file; else the folder is walked
+again and only files whose size or mtime changed are re-read. A file
+rewritten in place under the same name leaves its directory alone, so
+only `recheck=True` (train.py's `--recheck-data`: stat every file)
+notices it at open; either way it cannot stop a run, since every
+pipeline checks each file as it reads it (`read_checked`) and replaces
+and counts one that no longer matches. A .txt file list keeps one stat
+per file at every open. Files that would stop a DALI pipeline (empty,
+not an image, truncated JPEG, corrupt PNG) are left out with one warning
+line (walk, probe and cache file: pipelines/index.py).
 """
 from __future__ import annotations
 
@@ -93,6 +92,8 @@ class Source:
     skipped: int = 0
     # Changes when any listed file is added, removed, resized or touched (a checkpoint records it).
     fingerprint: str = ""
+    # Tar shards (pipelines/shards.py): where each image lies (Members); None for files.
+    members: Optional[object] = field(default=None, repr=False)
 
     def __post_init__(self):
         n = len(self.paths)
@@ -104,10 +105,12 @@ class Source:
 
     def read(self, i: int) -> np.ndarray:
         """The encoded file of image `i` as a 1-D uint8 array."""
+        if self.members is not None:
+            return self.members.read(i)
         return np.fromfile(self.paths[i], dtype=np.uint8)
 
     def read_many(self, indices: Iterable[int]) -> list:
-        return [np.fromfile(self.paths[i], dtype=np.uint8) for i in indices]
+        return [self.read(i) for i in indices]
 
     @property
     def has_labels(self) -> bool:
@@ -139,7 +142,7 @@ def decodes(source: Source, i: int) -> bool:
     """Whether file i decodes in full (PIL) to its indexed size: the slow,
     sure check, for the rare file that passes `probe_bytes` but not a decoder."""
     try:
-        with Image.open(source.paths[i]) as im:
+        with Image.open(source.paths[i] if source.members is None else io.BytesIO(source.read(i))) as im:
             im.load()
             size = im.size
             if im.getexif().get(EXIF_ORIENTATION) in TRANSPOSED_ORIENTATIONS:
@@ -177,10 +180,7 @@ def cache_root(cache_dir: Optional[str] = None) -> pathlib.Path:
 def open_source(data: Optional[str], split: str = "train", cache_dir: Optional[str] = None,
                 progress: bool = True, recheck: bool = False) -> Optional[Source]:
     """The `split` ('train' or 'test') of `data`, or None when `data` has no such split.
-
-    `recheck`: stat every file of a folder even when no directory changed,
-    and re-read the headers of those whose size or mtime changed (the
-    module's docstring says when that matters)."""
+    `recheck`: stat every file of a folder even when no directory changed (see above)."""
     split = {"val": "test"}.get(split, split)
     if split not in ("train", "test"):
         raise DataError(f"unknown split {split!r}: use 'train' or 'test'")
@@ -188,6 +188,9 @@ def open_source(data: Optional[str], split: str = "train", cache_dir: Optional[s
         return _open_sample(split, cache_dir, progress, recheck)
     if data == "fashion-mnist":
         return _open_fashion_mnist(split, cache_dir, progress, recheck)
+    from .shards import open_shards, shard_paths  # tar shards: a train split only
+    if (shards := shard_paths(str(data))) is not None:
+        return None if split == "test" else open_shards(str(data), shards, cache_dir, progress)
     path = os.path.abspath(os.path.expanduser(str(data)))
     if os.path.isdir(path):
         return _open_image_folder(str(data), path, split, cache_dir, progress, recheck)
@@ -489,3 +492,8 @@ def _source(name: str, split: str, shown: str, blob: bytes, labels: np.ndarray, 
     return Source(name=name, split=split, paths=[paths[i] for i in keep], labels=labels[keep].astype(np.int64),
                   widths=widths[keep].astype(np.int32), heights=heights[keep].astype(np.int32),
                   classes=list(classes), skipped=skipped, fingerprint=fingerprint)
+
+
+if __name__ == "__main__":  # `python -m pipelines.data shards ...`: the converter, in the imported module
+    from pipelines.shard_writer import main
+    sys.exit(main())

@@ -245,7 +245,8 @@ class FfcvLoader(PlannedLoader):
 def _subset(source: Source, keep: np.ndarray) -> Source:
     return Source(name=source.name, split=source.split, paths=[source.paths[i] for i in keep],
                   labels=source.labels[keep], widths=source.widths[keep], heights=source.heights[keep],
-                  classes=source.classes, skipped=source.skipped + len(source) - len(keep))
+                  classes=source.classes, skipped=source.skipped + len(source) - len(keep),
+                  members=None if source.members is None else source.members.take(keep))
 
 
 # ---------------------------------------------------------------- the writer
@@ -263,6 +264,13 @@ def _encode_record(destination, record, malloc):
     destination["mode"], destination["width"], destination["height"] = mode, width, height
     destination["data_ptr"], storage = malloc(payload.nbytes)
     storage[:] = payload
+
+
+def _file_sizes(source: Source) -> list:
+    """Bytes of each image: a tar member's from the index, a file's from one stat."""
+    if source.members is not None:
+        return source.members.size.tolist()
+    return [_file_size(p) for p in source.paths]
 
 
 def _file_size(path: str) -> int:
@@ -309,7 +317,7 @@ def write_beton(source: Source, out, *, jpeg_quality: int = DEFAULT_QUALITY, max
     try:
         workers = min(workers or max(1, min(8, os.cpu_count() or 1)), -(-len(source) // CHUNK))
         fields = {"image": _stored_image_field(), "source_index": IntField()}
-        sizes = [_file_size(p) for p in source.paths]
+        sizes = _file_sizes(source)
         largest = int(np.argmax(sizes))
         page = page_size(sizes[largest], source.paths[largest])
         for attempt in range(2):
@@ -387,7 +395,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.ffcv", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     w = sub.add_parser("write", help="write a source as a .beton")
-    w.add_argument("--data", default=None, help="ImageFolder, .txt file list, fashion-mnist, or the built-in sample")
+    w.add_argument("--data", default=None, help="ImageFolder, .txt file list, tar shards, fashion-mnist, or the sample")
     w.add_argument("--split", default="train", choices=["train", "test"])
     w.add_argument("--recheck-data", action="store_true", help="as train.py's: stat every file of a --data folder")
     w.add_argument("--out", required=True, help="the .beton to write (atomically)")

@@ -206,9 +206,8 @@ def page_size(largest: int, what: str) -> int:
     return page
 
 
-def _record(path: str, width: int, height: int, quality: int, max_side: Optional[int], raw_max_pixels: int):
-    """(mode, width, height, bytes) of one file, or None when it cannot be decoded."""
-    data = np.fromfile(path, dtype=np.uint8)
+def _record(data: np.ndarray, width: int, height: int, quality: int, max_side: Optional[int], raw_max_pixels: int):
+    """(mode, width, height, bytes) of one encoded file (`Source.read`); raises when it cannot be decoded."""
     with Image.open(io.BytesIO(data.tobytes())) as probe:
         fmt, mode = probe.format, probe.mode
         turned = probe.getexif().get(EXIF_ORIENTATION, 1) != 1
@@ -247,7 +246,7 @@ class Records:
     def __getitem__(self, i):
         s = self.source
         try:
-            record = _record(s.paths[i], int(s.widths[i]), int(s.heights[i]), self.quality, self.max_side,
+            record = _record(s.read(i), int(s.widths[i]), int(s.heights[i]), self.quality, self.max_side,
                              self.raw_max_pixels)
         except Exception:  # PIL raises many kinds
             return _PLACEHOLDER, -1

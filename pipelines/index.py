@@ -199,7 +199,7 @@ def probe_image(path: str, size: Optional[int] = None) -> tuple:
         if size is None:
             size = os.path.getsize(path)
         with open(path, "rb") as f:
-            return _probe(f, size)
+            return probe_file(f, size)
     except Exception:  # PIL raises many kinds (OSError, SyntaxError, ValueError, struct.error...)
         return _UNUSABLE
 
@@ -207,12 +207,13 @@ def probe_image(path: str, size: Optional[int] = None) -> tuple:
 def probe_bytes(data) -> tuple:
     """`probe_image` of an encoded file already in memory (bytes or a uint8 array)."""
     try:
-        return _probe(io.BytesIO(memoryview(data).cast("B")), len(data))
+        return probe_file(io.BytesIO(memoryview(data).cast("B")), len(data))
     except Exception:
         return _UNUSABLE
 
 
-def _probe(f, size: int) -> tuple:
+def probe_file(f, size: int) -> tuple:
+    """(width, height) of an open file of `size` bytes (a file, or a tar member: pipelines/shards.py); raises where it would fail."""
     if size == 0:
         return _UNUSABLE
     regular = jpeg_size(f.read(_HEAD_BYTES), f.read)
@@ -226,7 +227,7 @@ def _probe(f, size: int) -> tuple:
 
 
 def probe_with_pil(f, size: int) -> tuple:
-    """`_probe` of anything jpeg_header does not vouch for; raises where the file would fail."""
+    """`probe_file` of anything jpeg_header does not vouch for; raises where the file would fail."""
     with Image.open(f) as im:
         fmt = im.format
         if fmt in ("JPEG", "MPO"):

@@ -5,7 +5,7 @@ orientation from APP1's TIFF IFD0, about 10 us a file where PIL's
 `Image.open` + `getexif` takes about 100 us. It answers only for files
 whose header it can vouch for, where PIL reads the same size and
 orientation; for anything irregular it returns None and the caller asks PIL
-(pipelines/index.py `_probe`). Irregular here means anything PIL treats in
+(pipelines/index.py `probe_file`). Irregular here means anything PIL treats in
 a way this reader does not copy: fill bytes or junk between markers,
 markers without a length, a segment running past the data, a bad
 quantization table, an SOF of other than 8 bits or 1, 3, 4 components, an

@@ -101,7 +101,7 @@ def _open(source, i: int):
     """Image i, or None when its file no longer decodes to its indexed size."""
     size = (int(source.widths[i]), int(source.heights[i]))
     try:
-        if accimage is not None:
+        if accimage is not None and getattr(source, "members", None) is None:  # accimage reads files, not members
             img = accimage.Image(source.paths[i])
             # accimage ignores EXIF orientation; keep it only when the sizes agree
             # with the index (which stores sizes after orientation).
