@@ -213,7 +213,8 @@ def probe_bytes(data) -> tuple:
 
 
 def probe_file(f, size: int) -> tuple:
-    """(width, height) of an open file of `size` bytes (a file, or a tar member: pipelines/shards.py); raises where it would fail."""
+    """`probe_image` of an open file of `size` bytes (a file, or a tar member in
+    pipelines/shards.py), except that it raises where the file would fail."""
     if size == 0:
         return _UNUSABLE
     regular = jpeg_size(f.read(_HEAD_BYTES), f.read)
