@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import resource
 import time
 from pathlib import Path
 
@@ -28,36 +27,10 @@ import torch.nn.functional as F
 
 from bench.machine import environment
 from bench.measure import comma_list
+from bench.rss import max_rss_bytes, reset_max_rss, rss_bytes
 from model.methods.clim import GB, bank_neighbours, chunk_rows, kmeans, kmeans_bytes, neighbour_bytes
 
 IMAGENET_ROWS = 1_281_167
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def max_rss_bytes() -> int:
-    """This process's RSS high-water mark: VmHWM, its own memory's. Not
-    getrusage's ru_maxrss: after an exec that also holds the mark of the
-    process it replaced, here the parent that started it (vfork)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) * 1024  # kB
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-def reset_max_rss() -> None:
-    """Lower the high-water mark to the RSS now (Linux's clear_refs 5): the
-    imports and warm-ups before a call often leave it above what they keep.
-    Where that is refused the mark stays, and a call below it is not `clean`."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def unit_bank(n: int, d: int, seed: int) -> torch.Tensor:
