@@ -16,9 +16,11 @@ peak_mb, base_mb). The law says how a figure at an unmeasured N is made:
   flops   a formula, not a measurement (GPU seconds from FLOPs): every
           point is an estimate
 
-Peak memory is extrapolated the same way on the part above the process's
-memory before the call (peak_mb - base_mb), with its own fitted exponent,
-then the base is added back.
+Peak memory is extrapolated on the part above the process's memory before
+the call (peak_mb - base_mb), then the base is added back: by the line
+through the two largest points where the cost is linear or affine (the
+call also builds what does not grow with N: a model, buffers), else with
+its own fitted exponent.
 """
 from __future__ import annotations
 
@@ -78,7 +80,8 @@ def finish(cost: dict, sizes=TABLE_SIZES) -> dict:
         if n in got:
             continue
         value = scaled(measured, n, lambda p: p["value"], cost["law"], exponent)
-        extra = scaled(measured, n, extra_mb, "fit", peak_exponent)
+        extra = scaled(measured, n, extra_mb, "affine" if cost["law"] in ("linear", "affine") else "fit",
+                       peak_exponent)
         base = max(measured, key=lambda p: p["n"]).get("base_mb") if measured else None
         out["points"].append({"n": n, "value": value, "peak_mb": None if extra is None else extra + (base or 0.0),
                               "base_mb": base, "status": "extrapolated"})

@@ -49,6 +49,7 @@ def test_linear_and_affine_laws_scale_exactly():
                                          measured([1000, 2000, 4000], lambda n: 300 + 0.000265 * n)))
     assert scale_report.at(aff, IMAGENET_1K)["value"] == pytest.approx(300 + 0.000265 * IMAGENET_1K)
     assert scale_report.at(aff, IMAGENET_1K)["status"] == "extrapolated"
+    assert scale_report.at(aff, IMAGENET_21K)["peak_mb"] == pytest.approx(100 + 1e-4 * IMAGENET_21K)  # the line
 
 
 def test_the_work_dir_grows_and_its_trees_share_files(tmp_path):
