@@ -281,8 +281,9 @@ def target_notes(costs: list) -> list:
         p = scale_report.at(c, IMAGENET_1K)
         if c["cost"] in TARGETS and p and p["value"] is not None:
             ok = "meets" if p["value"] <= TARGETS[c["cost"]] else "misses"
+            peak = "-" if p["peak_mb"] is None else f"{p['peak_mb']:.0f}"
             out.append(f"{c['cost']} at 1.28M: {p['value']:.1f} s ({p['status']}) {ok} the target of "
-                       f"{TARGETS[c['cost']]:g} s; peak RSS {p['peak_mb']:.0f} MB against {RSS_TARGET_MB:g} MB")
+                       f"{TARGETS[c['cost']]:g} s; peak RSS {peak} MB against {RSS_TARGET_MB:g} MB")
     return out
 
 

@@ -125,26 +125,21 @@ def markdown(costs: list, env: dict, notes: list, sizes=TABLE_SIZES) -> str:
 
 def plot(costs: list, env: dict, path: Path) -> None:
     """Log-log: a line per cost through its measured (filled) and
-    extrapolated (open) points, one panel per unit. Raises ImportError without matplotlib."""
+    extrapolated or estimated (open) points, a panel per unit and one for
+    the peak RSS. Raises ImportError without matplotlib."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    units = list(dict.fromkeys(c["unit"] for c in costs)) or ["s"]
-    fig, axes = plt.subplots(1, len(units), figsize=(6.5 * len(units), 4.8), squeeze=False)
+    panels = [(u, "value") for u in dict.fromkeys(c["unit"] for c in costs)]
+    panels += [("peak RSS, MB", "peak_mb")] if any(c.get("show_peak") for c in costs) else []
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6.5 * max(1, len(panels)), 4.8), squeeze=False)
     fig.suptitle(f"viewforge host-side costs against N on {env['device_name']} ({env['cpu_count']} CPUs), "
                  f"{env['date'][:10]}; open marks: extrapolated or estimated", fontsize=9)
-    for ax, unit in zip(axes[0], units):
-        for c in (c for c in costs if c["unit"] == unit):
-            pts = [p for p in c["points"] if p["value"] is not None and p["value"] > 0]
-            if not pts:
-                continue
-            exp = "" if c["exponent"] is None else f" (N^{c['exponent']:.2f})"
-            line, = ax.plot([p["n"] for p in pts], [p["value"] for p in pts], label=c["cost"] + exp, lw=1)
-            done = [p for p in pts if p["status"] == "measured"]
-            rest = [p for p in pts if p["status"] != "measured"]
-            ax.plot([p["n"] for p in done], [p["value"] for p in done], "o", color=line.get_color())
-            ax.plot([p["n"] for p in rest], [p["value"] for p in rest], "o", mfc="none", color=line.get_color())
+    for ax, (unit, what) in zip(axes[0], panels):
+        for c in costs:
+            if (what == "value" and c["unit"] == unit) or (what == "peak_mb" and c.get("show_peak")):
+                draw(ax, c, what)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("N (images)")
@@ -153,3 +148,15 @@ def plot(costs: list, env: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def draw(ax, c: dict, what: str) -> None:
+    pts = [p for p in c["points"] if p.get(what) is not None and p[what] > 0]
+    if not pts:
+        return
+    exp = c["exponent"] if what == "value" else c["peak_exponent"]
+    label = c["cost"] + ("" if exp is None else f" (N^{exp:.2f}{'' if what == 'value' else ' above base'})")
+    line, = ax.plot([p["n"] for p in pts], [p[what] for p in pts], label=label, lw=1)
+    for status, fill in (("measured", None), ("other", "none")):
+        got = [p for p in pts if (p["status"] == "measured") == (status == "measured")]
+        ax.plot([p["n"] for p in got], [p[what] for p in got], "o", mfc=fill, color=line.get_color())
