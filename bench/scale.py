@@ -227,8 +227,8 @@ def resolve_sizes(args, work: scale_files.WorkDir) -> tuple[dict, list]:
         if keep != sizes["planner"]:
             notes.append(f"planner: N > {keep[-1]:,} not run: {avail:,.0f} MB available")
         sizes["planner"] = keep
-    if "knn" in sizes:  # the per-batch list, the joined bank and its ordered copy: 3 banks at once, and a spare
-        keep = [n for n in sizes["knn"] if 3.5 * n * args.knn_dim * 4 / 1e6 < avail / 2]
+    if "knn" in sizes:  # the per-batch list, the joined bank, its ordered copy, knn_predict's normalised one
+        keep = [n for n in sizes["knn"] if 4.5 * n * args.knn_dim * 4 / 1e6 < avail / 2]
         if keep != sizes["knn"]:
             notes.append(f"knn: N > {keep[-1] if keep else 0:,} not run: {avail:,.0f} MB available")
         sizes["knn"] = keep
