@@ -19,8 +19,9 @@ peak_mb, base_mb). The law says how a figure at an unmeasured N is made:
 Peak memory is extrapolated on the part above the process's memory before
 the call (peak_mb - base_mb), then the base is added back: by the line
 through the two largest points where the cost is linear or affine (the
-call also builds what does not grow with N: a model, buffers), else with
-its own fitted exponent.
+call also builds what does not grow with N: a model, buffers), by the
+cost's `peak_formula` {N: MB} where its peak is set by design (CLIM's
+memory budget), else with its own fitted exponent.
 """
 from __future__ import annotations
 
@@ -82,6 +83,8 @@ def finish(cost: dict, sizes=TABLE_SIZES) -> dict:
         value = scaled(measured, n, lambda p: p["value"], cost["law"], exponent)
         extra = scaled(measured, n, extra_mb, "affine" if cost["law"] in ("linear", "affine") else "fit",
                        peak_exponent)
+        if cost.get("peak_formula"):  # a peak set by design (a memory budget): its formula, not a fit
+            extra = cost["peak_formula"][n]
         base = max(measured, key=lambda p: p["n"]).get("base_mb") if measured else None
         out["points"].append({"n": n, "value": value, "peak_mb": None if extra is None else extra + (base or 0.0),
                               "base_mb": base, "status": "extrapolated"})
@@ -105,6 +108,13 @@ def short_n(n: int) -> str:
     return {IMAGENET_1K: "1.28M", IMAGENET_21K: "14.2M"}.get(n, f"{n / 1e6:g}M" if n >= 1e6 else f"{n / 1e3:g}k")
 
 
+def peak_law(c: dict) -> str:
+    """How the peak at an unmeasured N was made (finish)."""
+    if c.get("peak_formula"):
+        return "formula"
+    return "affine" if c["law"] in ("linear", "affine") else "fit"
+
+
 def markdown(costs: list, env: dict, notes: list, sizes=TABLE_SIZES) -> str:
     """The README-ready table: a row per cost (and one per peak memory), each
     table size, the fitted exponent; unmeasured figures marked."""
@@ -117,7 +127,7 @@ def markdown(costs: list, env: dict, notes: list, sizes=TABLE_SIZES) -> str:
         if c.get("show_peak") and any(p.get("peak_mb") for p in c["points"]):
             pexp = "-" if c["peak_exponent"] is None else f"{c['peak_exponent']:.2f}"
             lines.append(f"| {c['cost']}: peak RSS | MB | " + " | ".join(cell(at(c, n), "peak_mb") for n in sizes)
-                         + f" | {pexp} (above base) | fit |")
+                         + f" | {pexp} (above base) | {peak_law(c)} |")
     title = (f"Host-side costs against N on {env['device_name']} ({env['cpu_count']} CPUs), torch "
              f"{env['versions']['torch']}, {env['date'][:10]}: `{env['command']}`")
     return "\n".join([title, "", *lines, "", *[f"- {n}" for n in notes]]) + "\n"

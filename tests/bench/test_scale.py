@@ -52,6 +52,13 @@ def test_linear_and_affine_laws_scale_exactly():
     assert scale_report.at(aff, IMAGENET_21K)["peak_mb"] == pytest.approx(100 + 1e-4 * IMAGENET_21K)  # the line
 
 
+def test_a_peak_set_by_design_comes_from_its_formula():
+    formula = {n: 2000.0 for n in TABLE_SIZES}  # a memory budget: the same at every N
+    got = scale_report.finish(scale.cost("search", "s", "clim", "fit", measured([1000, 2000], lambda n: n ** 2),
+                                         peak_formula=formula))
+    assert scale_report.at(got, IMAGENET_21K)["peak_mb"] == pytest.approx(100.0 + 2000.0)
+
+
 def test_the_work_dir_grows_and_its_trees_share_files(tmp_path):
     work = scale_files.WorkDir(tmp_path / "w")
     small, big = work.tree(30), work.tree(50)
