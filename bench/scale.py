@@ -13,7 +13,7 @@ Parts (`--only`), default sizes, and what one point is:
   planner     10k-1.28M, and 14.2M when memory allows, synthetic image sizes:
               a new epoch's order, and one step of batch 256 for each of
               the mosrep, multicrop, scrl and clim view specs
-  ffcv        10k, 30k real files: pipelines/ffcv.py's beton write
+  ffcv        10k, 30k, 100k real files: pipelines/ffcv.py's beton write
   clim        20k, 50k, 100k: CLIM's k-means and neighbour table at the
               default 2 GB budget (bench/clim_search.py's measure; the
               search is O(N^2) once the budget binds, from about 30k), their
@@ -25,7 +25,8 @@ Parts (`--only`), default sizes, and what one point is:
   checkpoint  10k, 100k, 1.28M: model/checkpoints.py's save of CLIM's state
               with its bank of N rows (file size, seconds)
   feeds       10k, 100k real files: DALI's and FFCV's ms per step (MoCo v2's
-              two 224 px views, batch 64, 2 workers); flat in N
+              two 224 px views, batch 64, 2 workers; flat in N), and the
+              seconds from building the loader to its first batch
 
 Real files: small JPEGs (16 distinct byte strings, 48-76 x 36-57 px,
 about 0.6-3 KB) written under many names into 1000 class folders of a work
@@ -70,7 +71,7 @@ from bench.scale_report import IMAGENET_1K, IMAGENET_21K  # noqa: E402
 DEFAULT_SIZES = {
     "index": (10_000, 100_000, IMAGENET_1K),
     "planner": (10_000, 100_000, IMAGENET_1K, IMAGENET_21K),
-    "ffcv": (10_000, 30_000),
+    "ffcv": (10_000, 30_000, 100_000),
     "clim": (20_000, 50_000, 100_000),
     "knn": (10_000, 30_000, 100_000),
     "checkpoint": (10_000, 100_000, IMAGENET_1K),
@@ -111,6 +112,8 @@ def part_index(sizes: list, work: scale_files.WorkDir, args) -> list:
         with tempfile.TemporaryDirectory(prefix="index-cache-", dir=work.root) as cache:
             for label, points in (("cold", cold), ("warm", warm)):
                 got = child("index", data=str(work.tree(n)), cache_dir=cache)
+                if got["images"] != n:
+                    raise RuntimeError(f"the index of {work.tree(n)} holds {got['images']:,} images, not {n:,}")
                 points.append(point(n, got["seconds"], got))
                 say(f"index {label} N={n:,}: {got['seconds']:.1f} s ({n / got['seconds']:,.0f} files/s), "
                     f"peak {got['peak_mb']:.0f} MB (base {got['base_mb']:.0f})")
@@ -202,14 +205,17 @@ def part_checkpoint(sizes: list, work, args) -> list:
 def part_feeds(sizes: list, work: scale_files.WorkDir, args) -> list:
     out = []
     for pipe in ("dali", "ffcv"):
-        points = []
+        points, start = [], []
         for n in sizes:
             got = child("feed", pipeline=pipe, data=str(work.tree(n)), cache_dir=str(work.cache), method="mocov2",
                         batch=min(args.feed_batch, n), workers=args.workers, warmup=args.feed_warmup,
                         steps=args.feed_steps)
             points.append(point(n, got["step_ms"], got))
-            say(f"{pipe} feed N={n:,}: {got['step_ms']:.1f} ms/step, peak {got['peak_mb']:.0f} MB")
-        out.append(cost(f"{pipe} feed, ms per step of {args.feed_batch}", "ms", "feeds", "fit", points, show_peak=True))
+            start.append(point(n, got["start_s"], {}))
+            say(f"{pipe} feed N={n:,}: {got['step_ms']:.1f} ms/step, build to first batch {got['start_s']:.1f} s, "
+                f"peak {got['peak_mb']:.0f} MB")
+        out += [cost(f"{pipe} feed, ms per step of {args.feed_batch}", "ms", "feeds", "fit", points, show_peak=True),
+                cost(f"{pipe} feed, build to first batch", "s", "feeds", "fit", start)]
     return out
 
 
@@ -351,8 +357,9 @@ def parse(argv: list) -> argparse.Namespace:
 def main(argv: list | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:  # one point, in this fresh process: its result as the last line
-        print(json.dumps(scale_parts.CHILDREN[argv[1]](**json.loads(argv[2]))))
-        return
+        print(json.dumps(scale_parts.CHILDREN[argv[1]](**json.loads(argv[2]))), flush=True)
+        sys.stderr.flush()
+        os._exit(0)  # no clean-up: a loader left open (feed) ends with the process
     args = parse(argv)
     start = time.perf_counter()
     run(args)
