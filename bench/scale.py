@@ -1,7 +1,7 @@
 """How each host-side cost grows with the dataset, N = 10k to ImageNet-1k
 (1,281,167), extrapolated to ImageNet-21k (14,197,122) (issue 25):
 
-    PYTHONPATH=$PWD python bench/scale.py                        # every part, default sizes (about 25 min, 2 cores)
+    PYTHONPATH=$PWD python bench/scale.py                        # every part, default sizes (about 12-15 min, 2 quiet cores)
     PYTHONPATH=$PWD python bench/scale.py --only planner,clim    # some parts
     PYTHONPATH=$PWD python bench/scale.py --sizes 10000,50000 --work-dir /data/scale
 
