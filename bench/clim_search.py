@@ -7,11 +7,11 @@ kmeans_bytes predict, plus a FLOP estimate of the GPU time at ImageNet size.
 Each (function, N, budget) runs in a fresh spawned process on a float16
 bank of unit rows (CLIM's memory), all rows filled, knn 5, 1000 centres (as
 configs/clim.yaml; fewer when N // 10 is smaller, as neighbour_table).
-Peak extra memory = the process's RSS high-water mark (getrusage
-ru_maxrss) after the call minus its RSS just before it; the inputs are
-built in slices and a warm-up call on 4096 rows runs first (thread pool,
-BLAS, code), so the mark is the call's when the call raised it (checked:
-`clean`). Writes
+Peak extra memory = the process's RSS high-water mark (VmHWM) after the
+call minus its RSS just before it; the inputs are built in slices, a
+warm-up call on 4096 rows runs first (thread pool, BLAS, code) and the mark
+is then lowered to the RSS (clear_refs), so the mark is the call's when the
+call raised it (checked: `clean`). Writes
 bench/results/<device>/clim-search/clim-search.json.
 """
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import resource
 import time
 from pathlib import Path
 
@@ -28,18 +27,10 @@ import torch.nn.functional as F
 
 from bench.machine import environment
 from bench.measure import comma_list
+from bench.rss import max_rss_bytes, reset_max_rss, rss_bytes
 from model.methods.clim import GB, bank_neighbours, chunk_rows, kmeans, kmeans_bytes, neighbour_bytes
 
 IMAGENET_ROWS = 1_281_167
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def unit_bank(n: int, d: int, seed: int) -> torch.Tensor:
@@ -69,6 +60,7 @@ def measure(what: str, n: int, d: int, knn: int, k: int, iters: int, budget_gb: 
     kmeans(bank[small], min(k, 409), 1, torch.Generator().manual_seed(0), memory_gb=budget_gb)
     bank_neighbours(bank[small], filled[small], centres, knn, True, torch.Generator().manual_seed(0),
                     memory_gb=budget_gb)
+    reset_max_rss()
     before, high_before = rss_bytes(), max_rss_bytes()
     g = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
@@ -91,13 +83,18 @@ def run_one(args: argparse.Namespace, what: str, n: int, budget_gb: float) -> di
             "predicted_bytes": bytes_, **got, "within_budget": got["extra_bytes"] <= budget_gb * GB}
 
 
+def flops(n: int, k: int, d: int, iters: int) -> tuple[int, int]:
+    """(search, k-means) FLOPs at n rows: the similarity GEMMs and the
+    assignment of the neighbour search, `iters` assignments of k-means."""
+    return 2 * n * n * d + 2 * n * k * d, 2 * n * k * d * iters
+
+
 def imagenet_estimate(args: argparse.Namespace, rows: list[dict]) -> dict:
     """The formula's peak at N = 1.28M, the default budget; GPU seconds from
     FLOPs at args.gpu_tflops; CPU seconds scaled from the largest N run
     (N^2 for the search, N for k-means)."""
     n, k, d = IMAGENET_ROWS, args.clusters, args.dim
-    flops_search = 2 * n * n * d + 2 * n * k * d          # the similarity GEMMs, the assignment
-    flops_kmeans = 2 * n * k * d * args.kmeans_iters
+    flops_search, flops_kmeans = flops(n, k, d, args.kmeans_iters)
     out = {"n": n, "d": d, "k": k, "budget_gb": args.budgets[0], "gpu_tflops_assumed": args.gpu_tflops,
            "flops_search": flops_search, "flops_kmeans": flops_kmeans,
            "gpu_seconds_search": flops_search / (args.gpu_tflops * 1e12),
