@@ -331,6 +331,10 @@ class PlanOrder(TraversalOrder):
 _COMPILING = threading.Lock()
 
 
+class _Closed(Exception):
+    """Raised in the epoch thread once its consumer has closed it."""
+
+
 class Epoch(EpochIterator):
     """FFCV's epoch thread, writing each step's plan into the parameter
     buffers of its batch slot before the compiled stage runs; yields (plan, outputs)."""
@@ -343,11 +347,18 @@ class Epoch(EpochIterator):
     def run(self):
         try:
             super().run()
+        except _Closed:
+            pass
         except BaseException as e:  # FFCV's thread would die silently and leave the consumer waiting
             self.error = e
             self.output_queue.put(None)
 
     def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
+        # FFCV's run() looks at its terminate event only when a put finds the
+        # queue full, and a closing consumer drains the queue: without this
+        # check a loader closed mid-epoch would render the rest of the epoch.
+        if self.terminate_event.is_set():
+            raise _Closed
         if torch.get_num_threads() != self.torch_threads:  # FFCV's run() set it to the workers' count
             torch.set_num_threads(self.torch_threads)
         plan = self.owner.planner.plan(self.epoch, self.first_step + b_ix)

@@ -345,3 +345,24 @@ def test_colour_on_the_device_matches_colour_in_the_stage(tmp_path):
 
 def torch_equal_within(a, b, levels=1):
     return a.shape == b.shape and float((a - b).abs().max()) <= levels / (0.224 * 255) + 1e-6
+
+
+def test_a_loader_closed_mid_epoch_stops_rendering(tmp_path, monkeypatch):
+    """FFCV's thread looks at its stop event only when the queue is full, and
+    closing drains the queue: the epoch thread must still stop within the
+    batches already under way, not render the rest of the epoch."""
+    from pipelines import ffcv_stage
+    rendered = []
+    real = ffcv_stage.EpochIterator.run_pipeline
+    monkeypatch.setattr(ffcv_stage.EpochIterator, "run_pipeline",
+                        lambda self, *a: rendered.append(a[0]) or real(self, *a))
+    root = make_image_folder(tmp_path / "folder", classes=2, per_class=40, size=(24, 20))
+    source = open_source(str(root), cache_dir=str(tmp_path / "cache"), progress=False)
+    loader = build("ffcv", ViewSpec(original=OriginalSpec(16)), source, batch_size=2, seed=0,
+                   workers=1, cache_dir=str(tmp_path / "cache"))
+    it = iter(loader)
+    next(it)
+    it.close()
+    loader.close()
+    steps = len(source) // 2
+    assert 0 < len(rendered) < steps // 2, f"rendered {len(rendered)} of {steps} batches after closing at the first"
