@@ -103,8 +103,8 @@ def ffcv_write(data: str, index_dir: str, cache_dir: str) -> dict:
 
 def knn_bank(n: int, dim: int, queries: int, classes: int = 1000, seed: int = 0) -> dict:
     """The kNN monitor's bank of n x dim features assembled by the monitor's
-    own code (model/evaluation.py: per-batch features in a list, joined and
-    put in dataset order), then `queries` queries classified against it."""
+    own code (model/evaluation.py FeatureRows: each batch written in place at
+    its dataset indices), then `queries` queries classified against it."""
     import types
 
     import torch
@@ -114,14 +114,11 @@ def knn_bank(n: int, dim: int, queries: int, classes: int = 1000, seed: int = 0)
     g = torch.Generator().manual_seed(seed)
     base = start_peak()
     start = time.perf_counter()
-    feats, idxs = [], []
+    rows = evaluation.FeatureRows(types.SimpleNamespace(labels=np.arange(n) % classes))
     for i in range(0, n, evaluation.EVAL_BATCH):  # what extract_features collects, batch by batch
-        rows = min(evaluation.EVAL_BATCH, n - i)
-        feats.append(F.normalize(torch.randn(rows, dim, generator=g), dim=1))
-        idxs.append(torch.arange(i, i + rows))
-    source = types.SimpleNamespace(labels=np.arange(n) % classes)
-    bank, labels = evaluation._in_dataset_order(feats, idxs, source, 1)
-    del feats, idxs
+        count = min(evaluation.EVAL_BATCH, n - i)
+        rows.add(F.normalize(torch.randn(count, dim, generator=g), dim=1), torch.arange(i, i + count))
+    bank, labels = rows.result()
     evaluation.knn_predict(bank[:queries], bank, labels, classes)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "bank_bytes": bank.element_size() * bank.numel(), "peak_mb": peak_mb(),

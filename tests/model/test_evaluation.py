@@ -3,6 +3,7 @@ a hand-computed example, feature extraction in dataset order, BatchNorm
 calibration, the random-init anchor, and the linear probe."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,3 +145,24 @@ def test_linear_probe_on_a_backbone(splits):
     train, test = splits
     acc = evaluation.linear_probe(_backbone(), train, test, 16, "cpu", "fp32", workers=0, max_iter=20)
     assert 0.0 <= acc <= 1.0
+
+
+def test_feature_rows_put_batches_in_dataset_order_in_place():
+    import types
+    source = types.SimpleNamespace(labels=np.array([3, 1, 4, 1, 5, 9, 2]))
+    feats = torch.randn(7, 5)
+    rows = evaluation.FeatureRows(source)
+    for idx in ([6, 0], [3], [5, 1, 2], [4]):  # any order, as ranks and workers deliver them
+        rows.add(feats[idx], torch.tensor(idx))
+    bank, labels = rows.result()
+    assert torch.equal(bank, feats) and torch.equal(labels, torch.as_tensor(source.labels))
+
+
+def test_knn_scales_by_the_bank_norms_as_if_the_bank_were_normalised():
+    g = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(300, 16, generator=g), torch.randn(40, 16, generator=g)
+    labels = torch.randint(0, 5, (300,), generator=g)
+    scaled = bank * torch.rand(300, 1, generator=g).add(0.1) * 7  # same directions, other lengths
+    unit = torch.nn.functional.normalize(bank, dim=1)
+    assert torch.equal(evaluation.knn_predict(queries, scaled, labels, 5, k=20),
+                       evaluation.knn_predict(queries, unit, labels, 5, k=20))
