@@ -1,7 +1,7 @@
 """How each host-side cost grows with the dataset, N = 10k to ImageNet-1k
 (1,281,167), extrapolated to ImageNet-21k (14,197,122) (issue 25):
 
-    PYTHONPATH=$PWD python bench/scale.py                        # every part, default sizes (about 12-15 min, 2 quiet cores)
+    PYTHONPATH=$PWD python bench/scale.py                        # every part, default sizes (about 10 min, 2 quiet cores)
     PYTHONPATH=$PWD python bench/scale.py --only planner,clim    # some parts
     PYTHONPATH=$PWD python bench/scale.py --sizes 10000,50000 --work-dir /data/scale
 
@@ -13,20 +13,21 @@ Parts (`--only`), default sizes, and what one point is:
   planner     10k-1.28M, and 14.2M when memory allows, synthetic image sizes:
               a new epoch's order, and one step of batch 256 for each of
               the mosrep, multicrop, scrl and clim view specs
-  ffcv        10k, 30k, 100k real files: pipelines/ffcv.py's beton write
+  ffcv        10k, 100k, 1.28M real files: pipelines/ffcv.py's beton write
   clim        20k, 50k, 100k: CLIM's k-means and neighbour table at the
               default 2 GB budget (bench/clim_search.py's measure; the
-              search is O(N^2) once the budget binds, from about 30k), their
-              peak at other N by the budget's formula, and their GPU seconds
-              from FLOPs
+              search is O(N^2), so its seconds scale by N^2 from the largest
+              N measured), their peak at other N by the budget's formula, and
+              their GPU seconds from FLOPs
   knn         10k, 30k, 100k (fewer when memory is short): the kNN monitor's
               bank of N features of the backbone's width, assembled by
               model/evaluation.py, and 256 queries against it
   checkpoint  10k, 100k, 1.28M: model/checkpoints.py's save of CLIM's state
               with its bank of N rows (file size, seconds)
-  feeds       10k, 100k real files: DALI's and FFCV's ms per step (MoCo v2's
+  feeds       10k, 100k, 1.28M real files: DALI's and FFCV's ms per step (MoCo v2's
               two 224 px views, batch 64, 2 workers; flat in N), and the
-              seconds from building the loader to its first batch
+              seconds from building the loader to its first batch, and to
+              close it mid-epoch
 
 Real files: small JPEGs (16 distinct byte strings, 48-76 x 36-57 px,
 about 0.6-3 KB) written under many names into 1000 class folders of a work
@@ -71,11 +72,11 @@ from bench.scale_report import IMAGENET_1K, IMAGENET_21K  # noqa: E402
 DEFAULT_SIZES = {
     "index": (10_000, 100_000, IMAGENET_1K),
     "planner": (10_000, 100_000, IMAGENET_1K, IMAGENET_21K),
-    "ffcv": (10_000, 30_000, 100_000),
+    "ffcv": (10_000, 100_000, IMAGENET_1K),
     "clim": (20_000, 50_000, 100_000),
     "knn": (10_000, 30_000, 100_000),
     "checkpoint": (10_000, 100_000, IMAGENET_1K),
-    "feeds": (10_000, 100_000),
+    "feeds": (10_000, 100_000, IMAGENET_1K),
 }
 REAL_FILES = ("index", "ffcv", "feeds")
 PLANNER_METHODS = ("mosrep", "multicrop", "scrl", "clim")
@@ -161,7 +162,8 @@ def part_clim(sizes: list, work, args) -> list:
         # the chunks are sized to the budget: at an unmeasured N the peak is the formula's, not a fit's
         formula = {n: clim_search.predicted(what, n, params.dim, params.knn, min(params.clusters, max(1, n // 10)),
                                             args.clim_budget, 2)[1] / 1e6 for n in scale_report.TABLE_SIZES}
-        out.append(cost(name, "s", "clim", "fit", points, show_peak=True, peak_is="extra above the process's RSS",
+        law = "quadratic" if what == "neighbours" else "fit"  # k-means: N x 1000 centres, linear
+        out.append(cost(name, "s", "clim", law, points, show_peak=True, peak_is="extra above the process's RSS",
                         peak_formula=formula))
     gpu = {"kmeans": [], "neighbours": []}
     for n in sorted(set(scale_report.TABLE_SIZES) | set(sizes)):
@@ -205,17 +207,20 @@ def part_checkpoint(sizes: list, work, args) -> list:
 def part_feeds(sizes: list, work: scale_files.WorkDir, args) -> list:
     out = []
     for pipe in ("dali", "ffcv"):
-        points, start = [], []
+        points, start, close = [], [], []
         for n in sizes:
             got = child("feed", pipeline=pipe, data=str(work.tree(n)), cache_dir=str(work.cache), method="mocov2",
                         batch=min(args.feed_batch, n), workers=args.workers, warmup=args.feed_warmup,
                         steps=args.feed_steps)
             points.append(point(n, got["step_ms"], got))
             start.append(point(n, got["start_s"], {}))
+            close.append(point(n, got["close_s"], {}))
             say(f"{pipe} feed N={n:,}: {got['step_ms']:.1f} ms/step, build to first batch {got['start_s']:.1f} s, "
+                f"closed mid-epoch in {got['close_s']:.2f} s, "
                 f"peak {got['peak_mb']:.0f} MB")
         out += [cost(f"{pipe} feed, ms per step of {args.feed_batch}", "ms", "feeds", "fit", points, show_peak=True),
-                cost(f"{pipe} feed, build to first batch", "s", "feeds", "fit", start)]
+                cost(f"{pipe} feed, build to first batch", "s", "feeds", "fit", start),
+                cost(f"{pipe} feed, closed mid-epoch", "s", "feeds", "fit", close)]
     return out
 
 
@@ -359,7 +364,7 @@ def main(argv: list | None = None) -> None:
     if argv[:1] == ["--child"]:  # one point, in this fresh process: its result as the last line
         print(json.dumps(scale_parts.CHILDREN[argv[1]](**json.loads(argv[2]))), flush=True)
         sys.stderr.flush()
-        os._exit(0)  # no clean-up: a loader left open (feed) ends with the process
+        os._exit(0)  # the point is measured; skip the interpreter's slow teardown
     args = parse(argv)
     start = time.perf_counter()
     run(args)

@@ -10,6 +10,10 @@ peak_mb, base_mb). The law says how a figure at an unmeasured N is made:
           the measured point nearest N
   linear  exactly proportional to N by construction (bytes of an N-row
           array): value(N) = value(N0) * N / N0
+  quadratic  proportional to N^2 by construction (every image against every
+          image: CLIM's neighbour table): value(N) = value(N0) * (N / N0) ** 2
+          from the measured point nearest N; the fitted exponent is shown
+          beside it, lower at small N where fixed costs still weigh
   affine  a constant plus a part proportional to N by construction (a
           checkpoint: the model, then the bank's rows): the line through
           the two largest measured points
@@ -54,7 +58,7 @@ def scaled(points: list, n: int, key, law: str, exponent: float | None) -> float
         (n0, v0), (n1, v1) = [(p["n"], key(p)) for p in pts[-2:]]
         return v1 + (v1 - v0) / (n1 - n0) * (n - n1)
     near = min(pts, key=lambda p: abs(math.log(p["n"] / n)))
-    power = 1.0 if law in ("linear", "affine") else exponent
+    power = {"linear": 1.0, "affine": 1.0, "quadratic": 2.0}.get(law, exponent)
     if power is None:
         return None
     return key(near) * (n / near["n"]) ** power

@@ -93,3 +93,11 @@ def test_a_tiny_run_writes_every_point_and_marks_the_rest(tmp_path):
     assert "| index cold | s |" in table and table.count("(ext.)") >= 4 * len(names)
     pytest.importorskip("matplotlib")
     assert (out / "scale.png").stat().st_size > 0
+
+
+def test_a_quadratic_law_scales_by_n_squared_whatever_the_fit():
+    with_fixed_cost = measured([1000, 2000, 4000], lambda n: 50 + 1e-6 * n ** 2)  # the fit reads below 2
+    got = scale_report.finish(scale.cost("table", "s", "clim", "quadratic", with_fixed_cost))
+    assert got["exponent"] < 2
+    largest = scale_report.at(got, 4000)["value"]
+    assert scale_report.at(got, IMAGENET_1K)["value"] == pytest.approx(largest * (IMAGENET_1K / 4000) ** 2)
