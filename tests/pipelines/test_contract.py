@@ -25,7 +25,7 @@ def source(tmp_path_factory):
 
 
 def build(name, source, **kw):
-    return pipelines.build(name, SPEC, source, batch_size=kw.pop("batch_size_override", B), seed=3,
+    return pipelines.build(name, SPEC, source, batch_size=kw.pop("batch_size", B), seed=3,
                            workers=kw.pop("workers", 1), **kw)
 
 
@@ -125,7 +125,7 @@ def test_resume_refuses_another_global_batch(name, source):
 def test_resume_on_another_number_of_processes(name, source):
     """Two ranks of 4 checkpointed after step 1, resumed by one process of 8:
     the same global batches, and each sample's crops rendered the same."""
-    ranks = [build(name, source, batch_size_override=4, rank=r, world_size=2) for r in range(2)]
+    ranks = [build(name, source, batch_size=4, rank=r, world_size=2) for r in range(2)]
     per_rank = [[v for _, v in zip(range(3), loader)] for loader in ranks]
     state = ranks[0].state_dict()
     for loader in ranks:

@@ -18,12 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-import pipelines
 from pipelines import shards
 from pipelines.data import DataError, decodes, open_source, read_checked
 from pipelines.shard_writer import write_shards
 
-from .test_contract import SPEC
+from .test_contract import build, name  # noqa: F401 (name: the fixture of every pipeline)
 
 B = 4
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,16 +73,6 @@ def pair(tmp_path_factory):
     return folder, open_source(str(tmp / "out" / "train-{000000..000002}.tar"), progress=False)
 
 
-def build(name, source, **kw):
-    return pipelines.build(name, SPEC, source, batch_size=kw.pop("batch_size", B), seed=3,
-                           workers=kw.pop("workers", 1), **kw)
-
-
-@pytest.fixture(params=sorted(pipelines.PIPELINES))
-def name(request):
-    return request.param
-
-
 def assert_same_views(a, b):
     for key in ("crops", "boxes"):
         assert getattr(a, key).keys() == getattr(b, key).keys()
@@ -109,7 +98,7 @@ def test_the_shards_hold_the_folder_in_its_order(pair):
 
 def test_every_pipeline_renders_the_shards_as_the_folder(pair, name):
     folder, tars = pair
-    loaders = [build(name, s) for s in pair]
+    loaders = [build(name, s, batch_size=B) for s in pair]
     for a, b in zip(*[list(loader) for loader in loaders]):
         assert_same_views(a, b)
     for loader in loaders:
@@ -118,14 +107,14 @@ def test_every_pipeline_renders_the_shards_as_the_folder(pair, name):
 
 def test_a_mid_epoch_resume_on_shards_gives_the_same_batches(pair, name):
     _, tars = pair
-    whole = build(name, tars)
+    whole = build(name, tars, batch_size=B)
     reference = [v for _, v in zip(range(3), whole)]
     whole.close()
-    first_part = build(name, tars)
+    first_part = build(name, tars, batch_size=B)
     next(iter(first_part))
     state = first_part.state_dict()
     first_part.close()
-    resumed = build(name, tars)
+    resumed = build(name, tars, batch_size=B)
     resumed.load_state_dict(state)
     got = [v for _, v in zip(range(2), resumed)]
     resumed.close()
