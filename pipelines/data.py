@@ -188,9 +188,9 @@ def open_source(data: Optional[str], split: str = "train", cache_dir: Optional[s
         return _open_sample(split, cache_dir, progress, recheck)
     if data == "fashion-mnist":
         return _open_fashion_mnist(split, cache_dir, progress, recheck)
-    from .shards import open_shards, shard_paths  # tar shards: a train split only
-    if (shards := shard_paths(str(data))) is not None:
-        return None if split == "test" else open_shards(str(data), shards, cache_dir, progress)
+    from .shards import open_shards, shard_paths  # tar shards
+    if (shards := shard_paths(str(data), split)) is not None:
+        return open_shards(str(data), shards, cache_dir, progress, split) if shards else None
     path = os.path.abspath(os.path.expanduser(str(data)))
     if os.path.isdir(path):
         return _open_image_folder(str(data), path, split, cache_dir, progress, recheck)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import sys
 import tarfile
 import tempfile
@@ -56,7 +57,19 @@ def write_shards(source: Source, prefix: str, per_shard: int, progress: bool = T
                 if os.path.exists(tmp):
                     os.unlink(tmp)
             written.append(out)
+    stale = _left_from_before(prefix, count)
+    if stale:
+        print(f"warning: {len(stale)} shard(s) of an earlier write are still there ({stale[0]}, ...): the pattern "
+              f"printed leaves them out, but --data {folder} would read them; delete them", file=sys.stderr)
     return written
+
+
+def _left_from_before(prefix: str, count: int) -> list:
+    """PREFIX-NNNNNN.tar files numbered `count` or more: not written now."""
+    folder, base = os.path.split(prefix)
+    name = re.compile(re.escape(base) + r"-(\d{6})\.tar")
+    with os.scandir(folder) as it:
+        return sorted(e.path for e in it if (m := name.fullmatch(e.name)) and int(m.group(1)) >= count)
 
 
 def _add_sample(tar: tarfile.TarFile, source: Source, i: int) -> None:

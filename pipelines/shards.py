@@ -1,34 +1,27 @@
-"""WebDataset-style tar shards as a data source, and the converter that writes them.
+"""WebDataset-style tar shards as a data source (the converter: shard_writer.py).
 
-`--data` names shards in one of three ways, each the train split (shards
-hold no test split):
+`--data` names shards as a brace pattern, `train-{000000..001023}.tar`
+(ranges zero-padded when either end is; several braces expand left to
+right; relative to the working directory), or a `.txt` list whose lines
+all name `.tar` files (relative to the list's folder): both the train
+split only. Or a folder of `.tar` files and nothing else: all train, or,
+when some are `train-*.tar`, those train and `val-*.tar` (else `test-*`)
+the test split, for the kNN monitor (the converter's `--out DIR/train`).
 
-- a pattern with brace ranges or lists, `train-{000000..001023}.tar`
-  (zero-padded when either end is; several braces expand left to right),
-  relative to the working directory; a single `x.tar` is one shard;
-- a `.txt` list whose non-comment lines all name `.tar` files, relative to
-  the list's folder (an image file list names images, so the two never mix);
-- a directory holding `.tar` files and no images or subfolders.
+A sample is the run of consecutive members sharing a key (WebDataset's
+rule: the name up to the first '.' of its last path part). Its image is
+its first image member in tar order; its label the integer in its `.cls`
+member, else its key's prefix (before the first '/', failing that before
+the last '_'; classes sorted). With `.cls` labels the class names are the
+key prefixes when each label has exactly one.
 
-A sample is the run of consecutive members sharing a key (WebDataset's rule:
-the member name up to the first '.' of its last path part). Its image is its
-first member in tar order whose extension is an image's (a second image of
-the same key is ignored); its label is the integer in its `.cls` member, or
-else its key's prefix (the part before the first '/', failing that before
-the last '_'; classes sorted, labels by position). With `.cls` labels the
-class names are the key prefixes when each label has exactly one.
-
-The index (`index_shards`) reads every tar header once (512 bytes each, the
-data skipped), probes each image as the file index does (its header and
-tail, through the same `probe_file`), and caches the member table under
-`cache_root()/index/`, keyed by the shard paths and valid while each
-shard's size and mtime (one stat per shard) stay; a changed shard alone is
-read again. Reads are one `os.preadv` per image from a per-process,
-thread-safe LRU of open shard files (`_FILES`, at most MAX_OPEN_SHARDS),
-emptied in a forked child; a pickled Source carries no file descriptors.
-
-The converter, `python -m pipelines.data shards --data DIR --out PREFIX
---per-shard N`, lives in pipelines/shard_writer.py.
+The index (`index_shards`) reads every tar header once (512 bytes each,
+the data skipped), probes each image as the file index does (the same
+`probe_file`), and caches the member table under `cache_root()/index/`,
+valid while each shard's size and mtime stay (one stat per shard); a
+changed shard alone is read again. Reads are one `os.preadv` per image
+from a per-process, thread-safe LRU of open shards (`_FILES`, at most
+MAX_OPEN_SHARDS), emptied in a forked child; a pickled Source holds no fds.
 """
 from __future__ import annotations
 
@@ -86,12 +79,17 @@ def _is_tar(path: str) -> bool:
     return path.lower().endswith(".tar")
 
 
-def shard_paths(data: str) -> Optional[list]:
-    """The absolute shard paths `data` names, or None when it names no shards."""
+def shard_paths(data: str, split: str = "train") -> Optional[list]:
+    """The absolute paths of `split`'s shards in `data` (empty when it has
+    no such split), or None when `data` names no shards."""
     text = os.path.expanduser(str(data))
-    if (_BRACE.search(text) or _is_tar(text)) and not os.path.isdir(text):
+    if os.path.isdir(text):
+        return _folder_split(text, split)
+    if _BRACE.search(text) or _is_tar(text):
         paths = [os.path.abspath(p) for p in expand_braces(text)]
-        return paths if all(map(_is_tar, paths)) else None
+        if not all(map(_is_tar, paths)):
+            return None
+        return paths if split == "train" else []
     if os.path.isfile(text) and os.path.splitext(text)[1].lower() in FILE_LIST_EXTENSIONS:
         base = os.path.dirname(os.path.abspath(text))
         with open(text, encoding="utf-8") as f:
@@ -104,18 +102,27 @@ def shard_paths(data: str) -> Optional[list]:
         if not all(map(_is_tar, lines)):
             raise DataError(f"{data}: its first line names a .tar shard, so every line must; "
                             f"{next(s for s in lines if not _is_tar(s))!r} does not")
-        return [os.path.abspath(os.path.join(base, os.path.expanduser(s))) for s in lines]
-    if os.path.isdir(text):
-        with os.scandir(text) as it:
-            entries = [e for e in it if not e.name.startswith(".")]
-        tars = sorted(e.path for e in entries if _is_tar(e.name) and e.is_file())
-        others = [e for e in entries if e.is_dir() or os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS]
-        return [os.path.abspath(p) for p in tars] if tars and not others else None
+        return [os.path.abspath(os.path.join(base, os.path.expanduser(s))) for s in lines] if split == "train" else []
     return None
 
 
-def open_shards(data: str, paths: list, cache_dir=None, progress: bool = True) -> Source:
-    """The train Source of the shards `paths` (from `shard_paths(data)`)."""
+def _folder_split(folder: str, split: str) -> Optional[list]:
+    """A folder of shards (and nothing else): split by the names `train-*`
+    and `val-*` or `test-*` when some are `train-*`, else all train."""
+    with os.scandir(folder) as it:
+        entries = [e for e in it if not e.name.startswith(".")]
+    tars = sorted(os.path.abspath(e.path) for e in entries if _is_tar(e.name) and e.is_file())
+    if not tars or any(e.is_dir() or os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS for e in entries):
+        return None
+    named = {prefix: [p for p in tars if os.path.basename(p).startswith(prefix + "-")]
+             for prefix in ("train", "val", "test")}
+    if not named["train"]:
+        return tars if split == "train" else []
+    return named["train"] if split == "train" else (named["val"] or named["test"])
+
+
+def open_shards(data: str, paths: list, cache_dir=None, progress: bool = True, split: str = "train") -> Source:
+    """The Source of `split`'s shards `paths` (from `shard_paths(data, split)`)."""
     stats = []
     for path in paths:
         try:
@@ -123,7 +130,7 @@ def open_shards(data: str, paths: list, cache_dir=None, progress: bool = True) -
         except OSError:
             raise DataError(f"{data}: shard {path} not found (the first missing of {len(paths):,} shards)") from None
         stats.append((st.st_size, st.st_mtime_ns))
-    return index_shards(data, paths, np.array(stats, dtype=np.int64).reshape(-1, 2), cache_dir, progress)
+    return index_shards(data, paths, np.array(stats, dtype=np.int64).reshape(-1, 2), cache_dir, progress, split)
 
 
 # ---------------------------------------------------------------- reading members
@@ -436,7 +443,8 @@ def _labels(names: list, cls: np.ndarray) -> tuple:
     return np.array([position.get(p, -1) for p in prefixes], dtype=np.int64), classes
 
 
-def index_shards(data: str, paths: list, stats: np.ndarray, cache_dir=None, progress: bool = True) -> Source:
+def index_shards(data: str, paths: list, stats: np.ndarray, cache_dir=None, progress: bool = True,
+                 split: str = "train") -> Source:
     """The Source of the shards `paths` whose (size, mtime) are `stats`: the
     cached table of each unchanged shard, the headers and probe of the rest."""
     cache_file = _cache_file(paths, cache_dir)
@@ -463,10 +471,10 @@ def index_shards(data: str, paths: list, stats: np.ndarray, cache_dir=None, prog
         for k, table in zip(todo, fresh):
             tables[k] = table
         _save(cache_file, paths, stats, tables)
-    return _source(data, paths, stats, tables)
+    return _source(data, split, paths, stats, tables)
 
 
-def _source(data: str, paths: list, stats: np.ndarray, tables: list) -> Source:
+def _source(data: str, split: str, paths: list, stats: np.ndarray, tables: list) -> Source:
     names = [n for t in tables for n in t["names"]]
     table = {c: np.concatenate([t[c] for t in tables]) for c in _TABLE}
     shard = np.repeat(np.arange(len(tables), dtype=np.int32), [len(t["names"]) for t in tables])
@@ -485,7 +493,7 @@ def _source(data: str, paths: list, stats: np.ndarray, tables: list) -> Source:
     labels, classes = _labels([names[i] for i in keep], table["cls"][keep])
     fingerprint = hashlib.sha1(join_paths(paths) + stats.tobytes() + table["offsets"].tobytes()
                                + table["sizes"].tobytes()).hexdigest()[:16]
-    return Source(name=data, split="train", paths=[f"{paths[shard[i]]}:{names[i]}" for i in keep],
+    return Source(name=data, split=split, paths=[f"{paths[shard[i]]}:{names[i]}" for i in keep],
                   labels=labels, widths=table["widths"][keep].astype(np.int32),
                   heights=table["heights"][keep].astype(np.int32), classes=classes, skipped=skipped,
                   fingerprint=fingerprint,

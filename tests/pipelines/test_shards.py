@@ -322,3 +322,23 @@ def test_a_subset_of_shards_reads_its_own_members(pair):
     sub = random_subset(tars, 5, seed=1)
     keep = [tars.paths.index(p) for p in sub.paths]
     assert all(np.array_equal(sub.read(k), tars.read(i)) for k, i in enumerate(keep))
+
+
+def test_a_folder_of_train_and_val_shards_gives_both_splits(tmp_path, capfd):
+    """The converter's names split a folder: train-* the train split, val-* the test split
+    (with the labels the folder's shared class list gave them); no test split otherwise."""
+    root = tmp_path / "folder"
+    for split, per_class in (("train", 3), ("val", 2)):
+        coded_folder(root / split, per_class=per_class)
+    out = tmp_path / "shards"
+    for split in ("train", "val"):
+        write_shards(open_source(str(root), split, progress=False), str(out / split), per_shard=4, progress=False)
+    train, test = open_source(str(out), "train", progress=False), open_source(str(out), "test", progress=False)
+    folder_train, folder_test = open_source(str(root), "train", progress=False), open_source(str(root), "test",
+                                                                                             progress=False)
+    assert (train.split, test.split) == ("train", "test") and (len(train), len(test)) == (6, 4)
+    assert train.labels.tolist() == folder_train.labels.tolist() and test.labels.tolist() == folder_test.labels.tolist()
+    assert all(os.path.basename(p.split(".tar:")[0]).startswith("val-") for p in test.paths)
+    assert open_source(f"{out}/train-{{000000..000001}}.tar", "test", progress=False) is None
+    write_shards(open_source(str(root), "train", progress=False), str(out / "train"), per_shard=6, progress=False)
+    assert "1 shard(s) of an earlier write are still there" in capfd.readouterr().err  # train-000001.tar
