@@ -76,16 +76,24 @@ def save_index(cache_file: pathlib.Path, arrays: dict) -> None:
 
     `arrays`: paths, group_names and dirs as `join_paths` blobs, the rest
     per file (sizes, mtimes, widths, heights, groups) or per directory (dir_mtimes)."""
+    write_cache(cache_file, "image index", version=np.int64(INDEX_VERSION), compressed=True,
+                **{k: arrays[k] for k in _CACHE_KEYS})
+
+
+def write_cache(cache_file: pathlib.Path, what: str, compressed: bool = False, **arrays) -> None:
+    """An .npz of `arrays` (bytes become uint8 arrays) written to a temporary
+    file and renamed into place, so readers see the old file or the new one;
+    a cache that cannot be written is one warning, not an error."""
     as_array = {k: np.frombuffer(v, dtype=np.uint8) if isinstance(v, bytes) else np.asarray(v)
                 for k, v in arrays.items()}
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=cache_file.stem + ".", suffix=".tmp", dir=cache_file.parent)
         with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, version=np.int64(INDEX_VERSION), **{k: as_array[k] for k in _CACHE_KEYS})
+            (np.savez_compressed if compressed else np.savez)(f, **as_array)
         os.replace(tmp, cache_file)
     except OSError as e:
-        print(f"warning: could not write the image index cache {cache_file}: {e}", file=sys.stderr)
+        print(f"warning: could not write the {what} cache {cache_file}: {e}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- the folder walk
@@ -168,21 +176,26 @@ def folder_unchanged(cached: dict) -> bool:
 
 # ---------------------------------------------------------------- probing
 def probe_all(paths: list, sizes: np.ndarray, progress: bool, shown: str) -> tuple:
-    """(widths, heights) int32 of `probe_image` over many files, on a thread
+    """(widths, heights) int32 of `probe_image` over many files (`probe_many`)."""
+    return probe_many(len(paths), lambda i: probe_image(paths[i], int(sizes[i])), progress, shown)
+
+
+def probe_many(count: int, probe_one, progress: bool, shown: str) -> tuple:
+    """(widths, heights) int32 of `probe_one(i)` for i < count, on a thread
     pool (header reads wait on I/O), with a progress bar."""
-    widths, heights = np.empty(len(paths), np.int32), np.empty(len(paths), np.int32)
+    widths, heights = np.empty(count, np.int32), np.empty(count, np.int32)
 
     def chunk(start: int) -> int:
-        for i in range(start, min(start + _PROBE_CHUNK, len(paths))):
-            widths[i], heights[i] = probe_image(paths[i], int(sizes[i]))
-        return min(_PROBE_CHUNK, len(paths) - start)
+        for i in range(start, min(start + _PROBE_CHUNK, count)):
+            widths[i], heights[i] = probe_one(i)
+        return min(_PROBE_CHUNK, count - start)
 
-    if len(paths) <= _PROBE_CHUNK:
+    if count <= _PROBE_CHUNK:
         chunk(0)
         return widths, heights
-    with tqdm(total=len(paths), desc=f"indexing {shown}", unit="img", disable=not progress, leave=False,
+    with tqdm(total=count, desc=f"indexing {shown}", unit="img", disable=not progress, leave=False,
               file=sys.stderr) as bar, ThreadPoolExecutor(_PROBE_THREADS) as pool:
-        for done in pool.map(chunk, range(0, len(paths), _PROBE_CHUNK)):
+        for done in pool.map(chunk, range(0, count, _PROBE_CHUNK)):
             bar.update(done)
     return widths, heights
 

@@ -31,7 +31,6 @@ import itertools
 import os
 import re
 import sys
-import tempfile
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .data import FILE_LIST_EXTENSIONS, IMAGE_EXTENSIONS, DataError, Source, cache_root
-from .index import probe_file, join_paths, split_paths
+from .index import join_paths, probe_file, probe_many, split_paths, write_cache
 
 MAX_OPEN_SHARDS = 64
 SHARD_INDEX_VERSION = 1
@@ -361,24 +360,17 @@ def _scan_headers(path: str) -> dict:
 
 
 def _probe_tables(paths: list, tables: list, progress: bool, shown: str) -> None:
-    """Set 'widths' and 'heights' of each shard's table, probing on a thread pool."""
-    jobs = [(k, j) for k, t in enumerate(tables) for j in range(len(t["sizes"]))]
-    for t in tables:
-        t["widths"] = np.full(len(t["sizes"]), -1, np.int32)
-        t["heights"] = np.full(len(t["sizes"]), -1, np.int32)
+    """Set 'widths' and 'heights' of each shard's table (index.probe_many)."""
+    shard = np.repeat(np.arange(len(tables)), [len(t["sizes"]) for t in tables])
+    offsets = np.concatenate([t["offsets"] for t in tables])
+    sizes = np.concatenate([t["sizes"] for t in tables])
 
-    def probe(chunk):
-        for k, j in chunk:
-            t = tables[k]
-            if t["sizes"][j] >= 0:
-                t["widths"][j], t["heights"][j] = probe_member(paths[k], int(t["offsets"][j]), int(t["sizes"][j]))
-        return len(chunk)
-
-    chunks = [jobs[i:i + 256] for i in range(0, len(jobs), 256)]
-    with tqdm(total=len(jobs), desc=f"indexing {shown}", unit="img", disable=not progress, leave=False,
-              file=sys.stderr) as bar, ThreadPoolExecutor(_PROBE_THREADS) as pool:
-        for done in pool.map(probe, chunks):
-            bar.update(done)
+    def probe_one(i: int) -> tuple:
+        return probe_member(paths[shard[i]], int(offsets[i]), int(sizes[i])) if sizes[i] >= 0 else (-1, -1)
+    widths, heights = probe_many(len(sizes), probe_one, progress, shown)
+    bounds = np.cumsum([0] + [len(t["sizes"]) for t in tables])
+    for t, lo, hi in zip(tables, bounds[:-1], bounds[1:]):
+        t["widths"], t["heights"] = widths[lo:hi], heights[lo:hi]
 
 
 # ---------------------------------------------------------------- the index
@@ -408,20 +400,12 @@ def _load(cache_file) -> dict:
 
 
 def _save(cache_file, paths: list, stats: np.ndarray, tables: list) -> None:
-    """Write atomically (as index.save_index); a cache that cannot be written only costs time."""
+    """Write the table of every shard (index.write_cache: atomic)."""
     names = [n for t in tables for n in t["names"]]
     arrays = {c: np.concatenate([t[c] for t in tables]) for c in _TABLE}
     shard = np.repeat(np.arange(len(tables), dtype=np.int32), [len(t["names"]) for t in tables])
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=cache_file.stem + ".", suffix=".tmp", dir=cache_file.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, version=np.int64(SHARD_INDEX_VERSION), stats=stats, shard=shard,
-                     shards=np.frombuffer(join_paths(paths), np.uint8),
-                     names=np.frombuffer(join_paths(names), np.uint8), **arrays)
-        os.replace(tmp, cache_file)
-    except OSError as e:
-        print(f"warning: could not write the shard index cache {cache_file}: {e}", file=sys.stderr)
+    write_cache(cache_file, "shard index", version=np.int64(SHARD_INDEX_VERSION), stats=stats, shard=shard,
+                shards=join_paths(paths), names=join_paths(names), **arrays)
 
 
 def _labels(names: list, cls: np.ndarray) -> tuple:
